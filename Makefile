@@ -1,0 +1,53 @@
+# fastblocks: `make run` (install + the main job) and `make test` (install + the whole suite).
+# Both create their own virtual environment in $(VENV). The venv sees the system's packages, so
+# a machine that already has a recent torch (e.g. a GPU machine with its CUDA build and no
+# network) uses it; otherwise torch==2.13.0 is installed (on our CPU machines pip finds the CPU
+# build on local disk; a looser specifier would download several GB of CUDA packages).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_MIN ?= 2.4
+NVCC ?= nvcc
+CUDA_OBJ_DIR ?= build/nvcc-check
+
+.PHONY: install run test lint bench cuda-compile clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+install: $(PY)
+	@$(PY) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); \
+	sys.exit(0 if v >= tuple(int(p) for p in '$(TORCH_MIN)'.split('.')) else 1)" 2>/dev/null \
+	  && echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
+	  || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+
+run: install
+	$(VENV)/bin/fastblocks info
+	$(VENV)/bin/fastblocks bench --quick
+
+test: install lint
+	$(PY) -m pytest
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only
+
+# Compile every CUDA kernel file for Hopper with nvcc alone (no CUDA PyTorch needed): the kernel
+# files include only <ATen/ATen.h> and the CUDA runtime.
+cuda-compile: $(PY)
+	@mkdir -p $(CUDA_OBJ_DIR)
+	@inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
+	for f in csrc/cuda/*.cu; do \
+	  echo "nvcc -c $$f"; \
+	  $(NVCC) -c -std=c++20 -O3 -gencode=arch=compute_90,code=sm_90 -diag-suppress 3306 $$inc $$f \
+	    -o $(CUDA_OBJ_DIR)/$$(basename $$f .cu).o -Xcompiler -Wno-c++20-extensions || exit 1; \
+	done; echo "cuda-compile: all kernel files compiled for sm_90"
+
+clean:
+	rm -rf build $(CUDA_OBJ_DIR) fastblocks/*.so

@@ -1,0 +1,189 @@
+"""Backend selection: the one module that decides which implementation of an op runs.
+
+Every fused op has up to four implementations behind one registered ``fastblocks::<op>``:
+
+==========  ==============================================================================
+reference   pure PyTorch, written for clarity; the specification the tests compare against
+triton      Triton kernels; CUDA GPUs (on the CPU only under ``TRITON_INTERPRET=1``, for tests)
+cuda        the compiled CUDA kernels of ``fastblocks._C`` (CUDA builds only)
+cpu         the compiled, vectorized and multithreaded CPU kernels of ``fastblocks._C``
+==========  ==============================================================================
+
+By default each call picks the best backend available for its device (per op, ``OpSpec``
+lists the order). ``set_backend(name)``, the ``use_backend(name)`` context manager and the
+``FASTBLOCKS_BACKEND`` environment variable force one; a forced backend that cannot run the
+call raises :class:`BackendUnavailableError` saying what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from fastblocks import _ext
+
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda", "cpu")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run this op on this device."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one op implements.
+
+    Attributes:
+        name: op name (``fastblocks::<name>``).
+        triton: whether a Triton implementation exists.
+        compiled: the C++ schemas the ``cpu``/``cuda`` backends need (all must have kernels).
+        cuda_order: preference on CUDA devices (fastest first, decided by measurement).
+        cpu_order: preference on the CPU.
+    """
+
+    name: str
+    triton: bool = True
+    compiled: tuple[str, ...] = ()
+    cuda_order: tuple[str, ...] = ("triton", "cuda", "reference")
+    cpu_order: tuple[str, ...] = ("cpu", "reference")
+
+
+_OPS: dict[str, OpSpec] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastblocks_backend", default=None)
+_global: str | None = None
+
+
+def _validate(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    return name.strip().lower()
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get("FASTBLOCKS_BACKEND", "").strip()
+    if not value or value.lower() in {"auto", "default"}:
+        return None
+    try:
+        return _validate(value)
+    except ValueError as exc:
+        raise ValueError(f"FASTBLOCKS_BACKEND: {exc}") from None
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    """Declare an op's backends (called once by each ``fastblocks/ops/<op>.py``)."""
+    _OPS[spec.name] = spec
+    return spec
+
+
+def registered_ops() -> dict[str, OpSpec]:
+    """All declared ops, by name."""
+    return dict(_OPS)
+
+
+def set_backend(name: str | None) -> None:
+    """Force ``name`` for every op from now on (``None`` or ``"auto"``: pick the best again).
+
+    The ``FASTBLOCKS_BACKEND`` environment variable sets the same thing at start-up.
+    """
+    global _global
+    _global = None if name in (None, "auto") else _validate(name)
+
+
+def get_backend() -> str | None:
+    """The forced backend in effect here (context manager, then ``set_backend``, then env), or None."""
+    return _forced.get() or _global or _env_backend()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager forcing ``name`` inside the block (``None``: automatic choice)."""
+    token = _forced.set(None if name in (None, "auto") else _validate(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_reason(device_type: str) -> str | None:
+    if not _triton_installed():
+        return "triton is not installed"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if device_type == "cpu":
+        if triton_interpreted():
+            return None
+        return "Triton kernels run on CUDA GPUs (on the CPU only under TRITON_INTERPRET=1, for tests)"
+    return f"Triton kernels do not run on {device_type} devices"
+
+
+def _compiled_reason(spec: OpSpec, backend: str, device_type: str) -> str | None:
+    wanted = {"cpu": "cpu", "cuda": "cuda"}[backend]
+    if device_type != wanted:
+        return f"the {backend} backend runs on {wanted} tensors, these are on {device_type}"
+    if not spec.compiled:
+        return f"no compiled {backend} kernel exists for {spec.name}"
+    if not _ext.loaded():
+        return f"the compiled extension fastblocks._C is not available ({_ext.load_error()})"
+    if backend == "cuda" and not _ext.built_with_cuda():
+        return "fastblocks._C was built without CUDA (CPU-only PyTorch, or FASTBLOCKS_SKIP_CUDA_BUILD=1)"
+    key = "CPU" if backend == "cpu" else "CUDA"
+    missing = [s for s in spec.compiled if not _ext.has_kernel(s, key)]
+    if missing:
+        return f"fastblocks._C has no {key} kernel for {', '.join(missing)} (rebuild the extension)"
+    return None
+
+
+def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` tensors, or ``None`` if it can."""
+    spec = _OPS[op]
+    backend = _validate(backend)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_reason(device_type) if spec.triton else f"no Triton kernel exists for {op}"
+    return _compiled_reason(spec, backend, device_type)
+
+
+def availability(op: str, device_type: str) -> dict[str, str | None]:
+    """For each backend, ``None`` if it can run ``op`` on ``device_type``, else the reason."""
+    return {b: unavailable_reason(op, b, device_type) for b in BACKENDS}
+
+
+def resolve(op: str, device: torch.device | str) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` now.
+
+    Raises:
+        BackendUnavailableError: a forced backend cannot run here; the message says why.
+    """
+    device_type = torch.device(device).type
+    forced = get_backend()
+    if forced is not None:
+        reason = unavailable_reason(op, forced, device_type)
+        if reason is not None:
+            raise BackendUnavailableError(f"fastblocks backend {forced!r} cannot run {op} on {device_type}: {reason}")
+        return forced
+    spec = _OPS[op]
+    order = spec.cuda_order if device_type == "cuda" else spec.cpu_order
+    for backend in order:
+        if unavailable_reason(op, backend, device_type) is None:
+            return backend
+    return "reference"

@@ -1,0 +1,126 @@
+"""Build fastblocks and its compiled extension ``fastblocks._C``.
+
+The extension is a CppExtension (``csrc/ops.cpp`` + ``csrc/cpu/*.cpp``) on CPU-only PyTorch
+and a CUDAExtension (adding ``csrc/cuda/*``) when PyTorch was built with CUDA.
+
+Environment switches (all optional):
+
+``FASTBLOCKS_SKIP_EXTENSION=1``   build no extension at all (reference and Triton paths only).
+``FASTBLOCKS_SKIP_CUDA_BUILD=1``  build only the CPU part even on CUDA PyTorch.
+``FASTBLOCKS_CUDA_ARCHS``         CUDA archs, default ``"8.0;9.0"`` (Ampere sm_80, Hopper sm_90).
+``FASTBLOCKS_CPU_ARCH``           ``auto`` (default: AVX2+FMA when this CPU has them) or ``generic``.
+``FASTBLOCKS_DEBUG=1``            compile with -O0 -g.
+
+Build with ``pip install --no-build-isolation .``: an isolated build would install a second,
+different torch to compile against, and the extension would not load in the one you have.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _cpu_arch_flags() -> list[str]:
+    """Vector ISA flags for the CPU kernels (at::vec picks its AVX2 path from these)."""
+    choice = os.environ.get("FASTBLOCKS_CPU_ARCH", "auto").strip().lower()
+    if choice == "generic" or platform.machine() not in {"x86_64", "AMD64"}:
+        return []
+    if choice not in {"auto", "avx2"}:
+        raise ValueError(f"FASTBLOCKS_CPU_ARCH must be 'auto', 'avx2' or 'generic', got {choice!r}")
+    if choice == "auto":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return []
+        if " avx2" not in flags or " fma" not in flags:
+            return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+
+def _extensions() -> list:
+    if _flag("FASTBLOCKS_SKIP_EXTENSION"):
+        print("fastblocks: FASTBLOCKS_SKIP_EXTENSION set, building no compiled extension")
+        return []
+    import torch
+    from torch.utils import cpp_extension
+
+    debug = _flag("FASTBLOCKS_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = [os.path.join("csrc", "ops.cpp"), *sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
+    cxx = [*opt, "-std=c++20", "-fopenmp", *_cpu_arch_flags()]
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and not _flag("FASTBLOCKS_SKIP_CUDA_BUILD")
+    )
+    if not with_cuda:
+        return [
+            cpp_extension.CppExtension(
+                "fastblocks._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            )
+        ]
+    archs = os.environ.get("FASTBLOCKS_CUDA_ARCHS", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    nvcc = [*opt, "-std=c++20", "--use_fast_math", "-lineinfo"]
+    return [
+        cpp_extension.CUDAExtension(
+            "fastblocks._C",
+            sources,
+            define_macros=[("FASTBLOCKS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def _cmdclass() -> dict:
+    if _flag("FASTBLOCKS_SKIP_EXTENSION"):
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="fastblocks",
+    version="0.1.0",
+    description="Fused GPU building blocks (BatchNorm-ReLU-Conv, add+ReLU, dense blocks) for ResNet and DenseNet in PyTorch",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastblocks", "fastblocks.*"]),
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "ninja",
+        "pybind11",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["fastblocks = fastblocks.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,39 @@
+"""Helpers shared by the tests (the environment is prepared by tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastblocks import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+REQUIRED = {b.strip() for b in os.environ.get("FASTBLOCKS_REQUIRE_BACKENDS", "").split(",") if b.strip()}
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def devices() -> list[str]:
+    """Devices the suite runs on here."""
+    return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+def skip_unless_available(op: str, backend: str, device: str) -> None:
+    """Skip (or fail, when CI requires the backend) if ``backend`` cannot run ``op`` here."""
+    reason = _backend.unavailable_reason(op, backend, device)
+    if reason is None:
+        return
+    if backend in REQUIRED and device == "cpu":
+        pytest.fail(f"backend {backend} is required (FASTBLOCKS_REQUIRE_BACKENDS) but unavailable: {reason}")
+    pytest.skip(f"{backend} on {device}: {reason}")
+
+
+def skip_bf16_in_interpreter(backend: str, dtype: torch.dtype, device: str) -> None:
+    """The Triton interpreter computes bf16 arithmetic wrongly: bf16 Triton runs need a GPU."""
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("Triton interpreter computes bf16 wrongly; bf16 Triton is tested on GPU")
+
+
+BACKENDS_UNDER_TEST = list(_backend.BACKENDS)
