@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module``s built on the fused ops (state_dict-compatible with ``torch.nn``)."""
 
 from fastblocks.nn.activation import AddReLU
+from fastblocks.nn.batchnorm import BatchNorm2d, BatchNormReLU2d, BNAddReLU, convert_sync_batchnorm
 
-__all__ = ["AddReLU"]
+__all__ = ["AddReLU", "BNAddReLU", "BatchNorm2d", "BatchNormReLU2d", "convert_sync_batchnorm"]

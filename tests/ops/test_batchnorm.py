@@ -1,0 +1,229 @@
+"""The fused BatchNorm ops against eager PyTorch, on every backend available here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import fastblocks
+from fastblocks.ops.batchnorm import (
+    batch_norm_act,
+    batch_norm_act_reference,
+    bn_stats,
+    scale_shift_act,
+)
+from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
+from tests.helpers import BACKENDS_UNDER_TEST, devices, skip_bf16_in_interpreter, skip_unless_available
+
+SHAPES = [(1, 63, 7, 7), (2, 3, 13, 13), (4, 16, 5, 9), (3, 17, 1, 1)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+def _inputs(shape, dtype, device, channels_last, seed=0, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(device, dtype)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device, torch.float32)
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(device, torch.float32)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype) if residual else None
+    grad = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = None if r is None else r.contiguous(memory_format=torch.channels_last)
+    return x, w, b, r, grad
+
+
+def _run(fn, x, w, b, r, grad, **kw):
+    """Forward + backward; returns (y, dx, dw, db, dr)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    xl, wl, bl, rl = leaves
+    y = fn(xl, wl, bl, rl, **kw)
+    y.backward(grad)
+    return y.detach(), xl.grad, wl.grad, bl.grad, None if rl is None else rl.grad
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("variant", ["bn", "bn_relu", "bn_add_relu", "bn_add"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_act_matches_eager(backend, dtype, shape, channels_last, variant, training, device):
+    skip_unless_available("batch_norm_act", backend, device)
+    skip_bf16_in_interpreter(backend, dtype, device)
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        pytest.skip("one value per channel: covered by the error test")
+    relu = "relu" in variant
+    x, w, b, r, grad = _inputs(shape, dtype, device, channels_last, residual="add" in variant)
+    c = shape[1]
+    rm0 = torch.randn(c, device=device) * 0.1
+    rv0 = torch.rand(c, device=device) + 0.5
+
+    def fused(x, w, b, r, rm, rv):
+        with fastblocks.use_backend(backend):
+            return batch_norm_act(x, w, b, rm, rv, training=training, residual=r, relu=relu)
+
+    def eager(x, w, b, r, rm, rv):
+        return batch_norm_act_reference(x, w, b, rm, rv, training=training, residual=r, relu=relu)
+
+    # Parameters and buffers are rounded to the test dtype so every run starts from the same
+    # values; eager on the CPU needs them in x's dtype, the fused op takes them in fp32.
+    w, b = w.to(dtype).float(), b.to(dtype).float()
+    rm0, rv0 = rm0.to(dtype).float(), rv0.to(dtype).float()
+    buffers = {}
+    results = {}
+    runs = (
+        ("fused", fused, dtype, torch.float32),
+        ("eager", eager, dtype, dtype),
+        ("ref", eager, torch.float64, torch.float64),
+    )
+    for name, fn, cast, pcast in runs:
+        rm, rv = rm0.to(pcast, copy=True), rv0.to(pcast, copy=True)
+        args = [x.to(cast), w.to(pcast), b.to(pcast), None if r is None else r.to(cast)]
+        results[name] = _run(lambda x, w, b, r, fn=fn, rm=rm, rv=rv: fn(x, w, b, r, rm, rv), *args, grad.to(cast))
+        buffers[name] = (rm, rv)
+
+    for i, what in enumerate(["y", "dx", "dweight", "dbias", "dresidual"]):
+        f, e, ref = (results[k][i] for k in ("fused", "eager", "ref"))
+        if ref is None:
+            assert f is None
+            continue
+        assert f.dtype == (dtype if what in ("y", "dx", "dresidual") else torch.float32), what
+        assert_close_to_reference(f, e, ref, atol=TOL[dtype] * max(1.0, float(ref.abs().max())), name=what)
+    y = results["fused"][0]
+    if channels_last and y.numel():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    for f_buf, r_buf in zip(buffers["fused"], buffers["ref"]):
+        torch.testing.assert_close(f_buf.double(), r_buf, rtol=1e-3, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_statistics_are_stable_for_large_means(backend):
+    skip_unless_available("bn_stats", backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x64 = 1000.0 + torch.randn(16, 8, 32, 32, generator=g, dtype=torch.float64)
+    with fastblocks.use_backend(backend):
+        mean, var = bn_stats(x64.float())
+    var_true, mean_true = torch.var_mean(x64.float().double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean_true, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(var.double(), var_true, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_stats_and_scale_shift_act_compose_to_batchnorm(backend, channels_last):
+    """bn_stats -> scale/shift -> scale_shift_act gives training BN, gradients included."""
+    skip_unless_available("bn_stats", backend, "cpu")
+    x, w, b, r, grad = _inputs((3, 6, 5, 7), torch.float32, "cpu", channels_last, residual=True)
+
+    def composed(x, w, b, r):
+        with fastblocks.use_backend(backend):
+            mean, var = bn_stats(x)
+            invstd = torch.rsqrt(var + 1e-5)
+            return scale_shift_act(x, w * invstd, b - mean * w * invstd, residual=r, relu=True)
+
+    def eager(x, w, b, r):
+        return torch.relu(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5) + r)
+
+    for f, e in zip(_run(composed, x, w, b, r, grad), _run(eager, x, w, b, r, grad)):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_gradcheck_float64(backend):
+    skip_unless_available("batch_norm_act", backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    scale = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    shift = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    with fastblocks.use_backend(backend):
+        for training in (True, False):
+            for relu in (False, True):
+                assert torch.autograd.gradcheck(
+                    lambda x, w, b, r, t=training, a=relu: batch_norm_act(
+                        x, w, b, rm.clone(), rv.clone(), training=t, residual=r, relu=a
+                    ),
+                    (x, w, b, r),
+                )
+        assert torch.autograd.gradcheck(lambda x: bn_stats(x), (x,))
+        assert torch.autograd.gradcheck(
+            lambda x, s, t, r: scale_shift_act(x, s, t, residual=r, relu=True), (x, scale, shift, r)
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_opcheck(backend):
+    skip_unless_available("batch_norm_act", backend, "cpu")
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    xcl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    r = torch.randn(2, 3, 4, 5, requires_grad=True)
+    with fastblocks.use_backend(backend):
+        op = torch.ops.fastblocks.batch_norm_act.default
+        torch.library.opcheck(op, (x, w, b, rm, rv, None, True, 1e-5, True))
+        torch.library.opcheck(op, (xcl, w, b, rm, rv, None, True, 1e-5, False))
+        torch.library.opcheck(op, (x, w, b, rm, rv, r, False, 1e-5, True))
+        torch.library.opcheck(op, (x, None, None, None, None, r, True, 1e-5, True))
+        torch.library.opcheck(torch.ops.fastblocks.bn_stats.default, (x,))
+        torch.library.opcheck(torch.ops.fastblocks.bn_stats.default, (xcl,))
+        torch.library.opcheck(torch.ops.fastblocks.scale_shift_act.default, (x, w, b, r, True))
+        torch.library.opcheck(torch.ops.fastblocks.scale_shift_act.default, (xcl, w, b, None, False))
+
+
+def test_saved_for_backward_is_only_the_input():
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    w, b = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    _, fused = saved_tensor_bytes(lambda: batch_norm_act(x, w, b, training=True, relu=True))
+    _, eager = saved_tensor_bytes(lambda: torch.relu(F.batch_norm(x * 1, None, None, w, b, True)))
+    x_bytes = x.numel() * 4
+    assert fused <= x_bytes + 8 * 4 * 4  # x plus a few [C] vectors
+    assert eager >= 2 * x_bytes
+
+
+def test_nan_propagates_like_eager():
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 2] = float("nan")
+    y = batch_norm_act(x, None, None, training=True, relu=True)
+    e = torch.relu(F.batch_norm(x, None, None, training=True))
+    torch.testing.assert_close(y, e, equal_nan=True)
+    assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, 0]).any()
+
+
+def test_torch_compile_traces_the_op():
+    def f(x, w, b):
+        return batch_norm_act(x * 2, w, b, training=True, relu=True).sum()
+
+    x, w, b = torch.randn(2, 3, 4, 4, requires_grad=True), torch.rand(3), torch.randn(3)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+    compiled(x, w, b).backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        ({"x": torch.randn(2, 3, 4, 4).long()}, TypeError, "x must have dtype"),
+        ({"x": torch.randn(3)}, ValueError, "x must be 2 or 3 or 4-D"),
+        ({"weight": torch.ones(4)}, ValueError, "weight has 4 elements but x has 3 channels"),
+        ({"bias": torch.ones(3, 1)}, ValueError, "bias must be 1-D"),
+        ({"running_mean": torch.zeros(3)}, ValueError, "running_mean and running_var"),
+        ({"residual": torch.randn(2, 3, 4, 5)}, ValueError, "residual has shape"),
+        ({"x": torch.randn(1, 3, 1, 1)}, ValueError, "Expected more than 1 value per channel when training"),
+        ({"training": False}, ValueError, "eval mode needs running_mean"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, exc, words):
+    args = {"x": torch.randn(2, 3, 4, 4), "weight": torch.ones(3), "bias": torch.zeros(3)}
+    args.update(kwargs)
+    x, w, b = args.pop("x"), args.pop("weight"), args.pop("bias")
+    with pytest.raises(exc, match=words):
+        batch_norm_act(x, w, b, **args)
