@@ -12,17 +12,23 @@ TORCH_MIN ?= 2.4
 NVCC ?= nvcc
 CUDA_OBJ_DIR ?= build/nvcc-check
 
+STAMP := $(VENV)/.fastblocks-installed
+
 .PHONY: install run test lint bench cuda-compile clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-install: $(PY)
+install: $(STAMP)
+
+# Reinstalled (and the extension rebuilt) only when the build inputs change.
+$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h) | $(PY)
 	@$(PY) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); \
 	sys.exit(0 if v >= tuple(int(p) for p in '$(TORCH_MIN)'.split('.')) else 1)" 2>/dev/null \
 	  && echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
 
 run: install
 	$(VENV)/bin/fastblocks info
