@@ -22,7 +22,7 @@ import contextvars
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -187,3 +187,23 @@ def resolve(op: str, device: torch.device | str) -> str:
         if unavailable_reason(op, backend, device_type) is None:
             return backend
     return "reference"
+
+
+def remember(ctx: object) -> None:
+    """Record the forced backend in effect now on an autograd ``ctx`` (call in setup_context)."""
+    ctx.fastblocks_backend = get_backend()
+
+
+def backward_on_forward_backend(fn: Callable) -> Callable:
+    """Decorate a backward ``fn(ctx, *grads)`` to run under the backend its forward was forced to.
+
+    Without this, ``with use_backend("triton"): y = f(x)`` followed by ``y.backward()`` outside
+    the block would run the backward on the default backend.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(ctx: object, *grads: object) -> object:
+        with use_backend(getattr(ctx, "fastblocks_backend", None)):
+            return fn(ctx, *grads)
+
+    return wrapper

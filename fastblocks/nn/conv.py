@@ -9,37 +9,67 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from fastblocks.ops.batchnorm import batch_norm_act
+from fastblocks.ops.batchnorm import bn_stats, update_running_stats
+from fastblocks.ops.bn_relu_conv import bn_relu_conv2d
 
 
-def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution runs in here: autocast's when it is on, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(relu(bn(x)))`` with ``bn``'s parameters and buffers (updated once in training).
+    """``conv(relu(bn(x)))`` without keeping the activation: only x is saved for backward.
+
+    BatchNorm statistics come from ``bn_stats`` (training; running buffers of ``bn`` updated
+    once, exactly as ``nn.BatchNorm2d`` would) or from the running buffers (eval); the
+    normalization and ReLU are the prologue of :func:`fastblocks.ops.bn_relu_conv.bn_relu_conv2d`,
+    which recomputes the activation in backward.
 
     Args:
-        x: ``[N, C_in, H, W]``.
+        x: ``[N, C_in, H, W]`` (NCHW or channels_last).
         bn: a BatchNorm2d over ``C_in`` channels (``torch.nn`` or fastblocks).
-        conv: a Conv2d ``C_in -> C_out``.
+        conv: a Conv2d ``C_in -> C_out`` with zero padding.
 
     Returns:
-        ``[N, C_out, H_out, W_out]``.
+        ``[N, C_out, H_out, W_out]`` (channels_last when x is).
     """
+    if x.dim() != 4:
+        raise ValueError(f"bn_relu_conv expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != bn.num_features:
+        raise ValueError(f"input has {x.shape[1]} channels but the BatchNorm expects {bn.num_features}")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("bn_relu_conv supports zero padding given as integers")
+    dtype = _autocast_dtype(x)
+    x = x.to(dtype)
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    a = batch_norm_act(
-        x, bn.weight, bn.bias,
-        bn.running_mean if track else None, bn.running_var if track else None,
-        training=training, momentum=bn.momentum, eps=bn.eps, relu=True,
-        num_batches_tracked=bn.num_batches_tracked,
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if use_batch:
+        if x.numel() // max(x.shape[1], 1) <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean, var = bn_stats(x)
+        if bn.training and bn.track_running_stats:
+            update_running_stats(
+                bn.running_mean, bn.running_var, mean.detach(), var.detach(), x.numel() // x.shape[1],
+                bn.momentum, bn.num_batches_tracked,
+            )  # fmt: skip
+    else:
+        mean, var = bn.running_mean.float(), bn.running_var.float()
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bn.bias is None else bn.bias.to(invstd.dtype) - mean * scale
+    y = bn_relu_conv2d(
+        x, scale, shift, conv.weight.to(dtype),
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
     )  # fmt: skip
-    return _conv(a, conv)
+    if conv.bias is not None:
+        y = y + conv.bias.to(dtype).view(1, -1, 1, 1)
+    return y
 
 
 class BNReLUConv2d(nn.Module):

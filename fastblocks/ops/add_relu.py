@@ -195,10 +195,12 @@ def _(grad_out: torch.Tensor, mask: torch.Tensor, channels_last: bool) -> torch.
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
     ctx.channels_last = is_channels_last(inputs[0])
     ctx.save_for_backward(output[1])
 
 
+@_backend.backward_on_forward_backend
 def _backward(ctx, grad_out: torch.Tensor, _grad_mask: torch.Tensor | None):
     (mask,) = ctx.saved_tensors
     grad = _add_relu_backward_op(grad_out, mask, ctx.channels_last)
@@ -206,10 +208,12 @@ def _backward(ctx, grad_out: torch.Tensor, _grad_mask: torch.Tensor | None):
 
 
 def _setup_context_bwd(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
     ctx.channels_last = inputs[2]
     ctx.save_for_backward(inputs[1])
 
 
+@_backend.backward_on_forward_backend
 def _backward_bwd(ctx, gg: torch.Tensor):
     # The backward is linear in grad_out with the same mask: its own gradient is itself.
     (mask,) = ctx.saved_tensors

@@ -660,6 +660,7 @@ def _(x, weight, bias, running_mean, running_var, residual, training, eps, relu)
 
 
 def _bn_setup_context(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
     x, weight, bias, _rm, _rv, residual, training, eps, relu = inputs
     _, mean, var = output
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
@@ -694,6 +695,7 @@ def _residual_grad(grad_y, x, scale, shift, residual, relu):
     return _bwd_apply_op(grad_y, x, scale, shift, residual, one, zero, zero, relu).to(residual.dtype)
 
 
+@_backend.backward_on_forward_backend
 def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
@@ -798,9 +800,11 @@ def _(x):
 
 
 def _stats_setup_context(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
     ctx.save_for_backward(inputs[0], output[0])
 
 
+@_backend.backward_on_forward_backend
 def _stats_backward(ctx, grad_mean, grad_var):
     # mean = Σx/M, var = Σ(x-μ)²/M  =>  dx = dmean/M + dvar 2(x-μ)/M: an affine map of x.
     x, mean = ctx.saved_tensors
@@ -843,11 +847,13 @@ def _(x, scale, shift, residual, relu):
 
 
 def _ssa_setup_context(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
     x, scale, shift, residual, relu = inputs
     ctx.relu, ctx.has_res = relu, residual is not None
     ctx.save_for_backward(x, scale, shift, residual if relu else None)
 
 
+@_backend.backward_on_forward_backend
 def _ssa_backward(ctx, grad_y):
     x, scale, shift, residual = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -919,12 +925,14 @@ class _SyncBatchNormAct(torch.autograd.Function):
         y = _scale_shift_act_op(x, scale, shift, residual, relu)
         ctx.save_for_backward(x, weight, bias, residual if relu else None, mean, var)
         ctx.eps, ctx.relu, ctx.group, ctx.total = eps, relu, group, total
+        _backend.remember(ctx)
         ctx.has_res = residual is not None
         ctx.mark_non_differentiable(mean, var)
         ctx.mark_non_differentiable(total)
         return y, mean, var, total
 
     @staticmethod
+    @_backend.backward_on_forward_backend
     def backward(ctx, grad_y, _gm, _gv, _gt):
         import torch.distributed as dist
 

@@ -1,0 +1,767 @@
+"""Convolution with a fused BatchNorm-ReLU prologue: ``y = conv2d(relu(x * scale[c] + shift[c]), weight)``.
+
+What is fused. ``scale``/``shift`` are a BatchNorm's per-input-channel affine map
+(``scale = gamma * invstd``, ``shift = beta - mean * scale``; the BN layer on top turns their
+gradients into gradients for gamma, beta, mean and var). The activation
+``a = relu(x * scale + shift)`` is computed in registers by the convolution's A-tile loader
+(an implicit GEMM over NHWC output pixels: M = N*Ho*Wo, N_gemm = C_out, K = C_in*kh*kw) and is
+never written to memory. Backward recomputes it in the load prologue of the weight-gradient
+GEMM, and rebuilds the ReLU mask from x for the input gradient.
+
+Zero padding applies to the *activation*: an out-of-image tap contributes exactly 0, not
+``relu(shift)``. The loader zeroes those taps after the activation (a BN with beta > 0 would
+otherwise leak ``relu(shift)`` into every border pixel).
+
+Bytes kept for backward, per element of x, against eager ``conv2d(relu(batch_norm(x)))``:
+eager keeps BN's input x, the ReLU output (= the conv input; also the BN output when the ReLU is
+in place, a third x-sized tensor when the graph holds the BN output too): 8-12 B in fp32,
+4-6 B in fp16/bf16. Fused: x only (4 B fp32, 2 B fp16/bf16) plus [C] vectors and the weight.
+Forward traffic: eager writes and re-reads the BN output and the ReLU output (4 x-sized
+passes) before the conv reads its input; fused reads x once per output-channel tile.
+(``tests/ops/test_bn_relu_conv.py::test_saves_only_x_and_vectors`` measures it.)
+
+Optional statistics epilogue (``stats=True``): per-output-channel ``Σy`` and ``Σy²`` of the
+stored (rounded) output, in fp32 (fp64 for fp64 x), so the BatchNorm that follows can skip its
+statistics pass. Each program writes its tile's partial sums to a ``[grid_m, C_out]`` buffer
+and one ``torch.sum`` reduces it: deterministic (no float atomics), no zero-fill, no host
+synchronization. The gradients of ``Σy``/``Σy²`` flow back into y (``dy += dΣ + 2 y dΣ²``), so
+with ``stats=True`` y is saved too (the BN that consumes it keeps it alive anyway). Note
+``var = Σy²/M - mean²`` cancels when ``|mean| >> std``; a consumer that needs more should
+combine the per-tile partials with Chan's formula instead.
+
+Backward derivation (z = x*scale + shift, a = relu(z) with zero padding, g_a = dL/da):
+    g_a    = conv_transpose(dL/dy, weight)             (dgrad; PyTorch/cuDNN does the GEMM)
+    g_z    = g_a * [not z <= 0]                        (threshold_backward's rule, as eager)
+    dx     = g_z * scale       dscale = Σ_{n,h,w} g_z * x       dshift = Σ_{n,h,w} g_z
+    dW[o, c, i, j] = Σ_{n,p,q} dL/dy[n, o, p, q] * a[n, c, p*s - pad + i, q*s - pad + j]
+The dgrad output g_a is x-sized and transient (it is a backward temporary in eager too);
+dW is a Triton GEMM ``grad_y^T x a`` whose A operand is recomputed from x in its load prologue.
+
+Backends. ``triton``: the kernels below cover 1x1 (any stride/padding) and 3x3 (any
+stride/padding) convolutions with groups=1, dilation=1, in fp16/bf16/fp32 (fp32 accumulation;
+fp32 dots use tf32 exactly when ``torch.backends.cudnn.allow_tf32`` lets eager convolutions do
+so). Everything else (groups > 1, dilation > 1, other kernel sizes, fp64) runs the ``reference``
+path inside the triton backend. ``reference``: PyTorch convolutions with the same memory
+contract: the activation is materialized transiently in forward, freed, and recomputed in
+backward for ``aten.convolution_backward``. There are no C++ kernels (no ``cpu``/``cuda``
+backend); on the CPU the default is ``reference``.
+
+Layout: y is channels_last when x is, otherwise contiguous. x is read through its strides
+(NCHW, channels_last, or a channel-prefix view of a wider dense-block buffer), without a copy.
+
+References: Chetlur et al. 2014, cuDNN (convolution as implicit GEMM); Pleiss et al. 2017,
+Memory-Efficient Implementation of DenseNets (recompute BN-ReLU instead of storing it);
+Rota Bulo et al. 2018, In-Place Activated BatchNorm; Triton's matrix-multiplication tutorial
+(python/tutorials/03-matrix-multiplication.py) for the tiling.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastblocks import _backend
+from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
+from fastblocks.ops._triton import tl, triton
+
+SPEC = _backend.register_op(
+    _backend.OpSpec(
+        name="bn_relu_conv2d",
+        triton=True,
+        compiled=(),
+        cuda_order=("triton", "reference"),
+        cpu_order=("reference",),
+    )
+)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- reference
+def bn_relu_conv2d_reference(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The specification: ``conv2d(relu(x * scale[c] + shift[c]), weight)``, no bias.
+
+    The affine map and the ReLU run in fp32 (fp64 for fp64 x), the activation is rounded to
+    x's dtype, and the convolution runs in x's dtype, as an eager fp16/bf16 model does.
+    Plain autograd through this function is what the fused op is tested against.
+    """
+    cd = _compute_dtype(x.dtype)
+    z = x.to(cd) * _per_channel(scale.to(cd)) + _per_channel(shift.to(cd))
+    return F.conv2d(torch.relu(z).to(x.dtype), weight, None, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class _Conv:
+    """Convolution hyper-parameters, normalized to pairs."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def out_hw(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return ho, wo
+
+
+def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+    items = (value, value) if isinstance(value, int) else value
+    if (
+        not isinstance(items, (tuple, list))
+        or len(items) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        what = "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def _make_conv(stride: object, padding: object, dilation: object, groups: object) -> _Conv:
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    return _Conv(_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), groups)
+
+
+def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` with exactly the strides ``torch.empty(..., memory_format=...)`` gives (as the fake)."""
+    fmt = memory_format(channels_last)
+    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    if t.stride() == want:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+
+
+def _empty0(ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The placeholder for an output that was not asked for (custom ops return tensors)."""
+    return ref.new_empty((0,), dtype=dtype or ref.dtype)
+
+
+def _reduce(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=(0, 2, 3))
+
+
+# ----------------------------------------------------------------------------- reference path
+# The reference backend (and the triton backend's fallback) with the fused op's memory
+# contract: the activation lives only inside one forward or one backward call.
+def _activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    cd = _compute_dtype(x.dtype)
+    return torch.relu(x.to(cd) * _per_channel(scale.to(cd)) + _per_channel(shift.to(cd))).to(x.dtype)
+
+
+def _fwd_reference(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: _Conv, stats: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = _activation(x, scale, shift)
+    y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    del a
+    y = _layout(y, is_channels_last(x))
+    cd = _compute_dtype(x.dtype)
+    if not stats:
+        return y, _empty0(y, cd), _empty0(y, cd)
+    y_cd = y.to(cd)
+    return y, _reduce(y_cd), _reduce(y_cd * y_cd)
+
+
+def _bwd_reference(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    conv: _Conv,
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = _activation(x, scale, shift)
+    grad_a, dweight, _ = torch.ops.aten.convolution_backward(
+        grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        [need_input, need_weight, False],
+    )  # fmt: skip
+    del a
+    dweight = _layout(dweight, False) if need_weight else _empty0(weight)
+    if not need_input:
+        return _empty0(x), _empty0(scale), _empty0(shift), dweight
+    dx, dscale, dshift = _prologue_bwd_reference(grad_a, x, scale, shift)
+    return dx, dscale, dshift, dweight
+
+
+def _prologue_bwd_reference(
+    grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cd = _compute_dtype(x.dtype)
+    z = x.to(cd) * _per_channel(scale.to(cd)) + _per_channel(shift.to(cd))
+    grad_z = torch.where(z <= 0, torch.zeros((), dtype=cd, device=x.device), grad_a.to(cd))
+    del z
+    dx = _layout((grad_z * _per_channel(scale.to(cd))).to(x.dtype), is_channels_last(x))
+    return dx, _reduce(grad_z * x.to(cd)).to(scale.dtype), _reduce(grad_z).to(shift.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _bn_relu_tile(
+        x_ptr,  # *T: x, read through its strides
+        x_row,  # int64 [BLOCK_P]: offset of pixel (n, ih, iw) in x, for each GEMM row
+        tap_ok,  # bool [BLOCK_P]: the row is a real pixel and its tap lies inside the image
+        offs_c,  # int [BLOCK_C]: input channels of this tile
+        c_ok,  # bool [BLOCK_C]: offs_c < C
+        sxc,  # x's channel stride
+        sc,  # f32 [BLOCK_C]: scale
+        sh,  # f32 [BLOCK_C]: shift
+    ):
+        """The [BLOCK_P, BLOCK_C] activation tile ``relu(x*scale + shift)``, zero outside the image."""
+        ok = tap_ok[:, None] & c_ok[None, :]
+        xv = tl.load(x_ptr + x_row[:, None] + offs_c[None, :].to(tl.int64) * sxc, mask=ok, other=0.0)
+        z = xv.to(tl.float32) * sc[None, :] + sh[None, :]
+        a = tl.where(z <= 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
+        # Zero padding applies to the activation: a padded tap is 0, not relu(shift).
+        return tl.where(ok, a, 0.0)
+
+    @triton.jit
+    def _bn_relu_conv_fwd_kernel(
+        x_ptr,  # *T [N, C, H, W]: input, any strides (NCHW, channels_last, channel-prefix view)
+        scale_ptr,  # *f32 [C]: per-input-channel scale
+        shift_ptr,  # *f32 [C]: per-input-channel shift
+        w_ptr,  # *T [CO, C, KH, KW]: weight, any strides
+        y_ptr,  # *T [N, CO, HO, WO]: output, any strides
+        psum_ptr,  # *f32 [grid_m, CO]: per-program Σy over this program's pixels (if STATS)
+        psumsq_ptr,  # *f32 [grid_m, CO]: per-program Σy² (if STATS)
+        M,  # N * HO * WO: GEMM rows (output pixels, in (n, oh, ow) order)
+        C,  # input channels
+        H,  # input height
+        W,  # input width
+        CO,  # output channels: GEMM columns
+        HO,  # output height
+        WO,  # output width
+        sxn, sxc, sxh, sxw,  # x strides, in elements
+        swo, swc, swh, sww,  # weight strides
+        syn, syc, syh, syw,  # y strides
+        stride_h, stride_w,  # convolution stride
+        pad_h, pad_w,  # zero padding (of the activation)
+        KH: tl.constexpr,  # kernel height
+        KW: tl.constexpr,  # kernel width
+        STATS: tl.constexpr,  # write the Σy/Σy² partials
+        INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots
+        BLOCK_M: tl.constexpr,  # output pixels per program
+        BLOCK_N: tl.constexpr,  # output channels per program
+        BLOCK_K: tl.constexpr,  # input channels per step of the reduction
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        ow = offs_m % WO
+        oh = (offs_m // WO) % HO
+        n = (offs_m // (WO * HO)).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < CO
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # K = (kh, kw, c): taps outside, channels inside, so a tap's bounds test is done once.
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                ih = oh * stride_h - pad_h + kh
+                iw = ow * stride_w - pad_w + kw
+                tap_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_row = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                for c0 in range(0, C, BLOCK_K):
+                    offs_k = c0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < C
+                    sc = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
+                    sh = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
+                    a = _bn_relu_tile(x_ptr, x_row, tap_ok, offs_k, k_ok, sxc, sc, sh)
+                    w_offs = offs_n[None, :] * swo + offs_k[:, None] * swc + kh * swh + kw * sww
+                    wv = tl.load(w_ptr + w_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    # The activation is rounded to the input dtype before the product, as eager.
+                    acc = tl.dot(a.to(wv.dtype), wv, acc, input_precision=INPUT_PRECISION)
+        y = acc.to(y_ptr.dtype.element_ty)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        y_row = n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
+        tl.store(y_ptr + y_row[:, None] + offs_n[None, :].to(tl.int64) * syc, y, mask=out_ok)
+        if STATS:
+            # Statistics of the stored (rounded) output: what a BN reading y would see.
+            yr = tl.where(out_ok, y.to(tl.float32), 0.0)
+            tl.store(psum_ptr + pid_m * CO + offs_n, tl.sum(yr, axis=0), mask=n_ok)
+            tl.store(psumsq_ptr + pid_m * CO + offs_n, tl.sum(yr * yr, axis=0), mask=n_ok)
+
+    @triton.jit
+    def _bn_relu_prologue_bwd_kernel(
+        ga_ptr,  # *T [N, C, H, W]: dL/da (the dgrad output), any strides
+        x_ptr,  # *T [N, C, H, W]: input, any strides
+        scale_ptr,  # *f32 [C]
+        shift_ptr,  # *f32 [C]
+        dx_ptr,  # *T [N, C, H, W]: dL/dx = g_z * scale, any strides
+        pdscale_ptr,  # *f32 [grid_p, C]: per-program Σ g_z * x
+        pdshift_ptr,  # *f32 [grid_p, C]: per-program Σ g_z
+        P,  # N * H * W pixels
+        C,  # channels
+        H,  # height
+        W,  # width
+        sgn, sgc, sgh, sgw,  # grad_a strides
+        sxn, sxc, sxh, sxw,  # x strides
+        sdn, sdc, sdh, sdw,  # dx strides
+        BLOCK_P: tl.constexpr,  # pixels per program
+        BLOCK_C: tl.constexpr,  # channels per program
+    ):  # fmt: skip
+        pid_p = tl.program_id(0)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p_ok = offs_p < P
+        c_ok = offs_c < C
+        ok = p_ok[:, None] & c_ok[None, :]
+        iw = (offs_p % W).to(tl.int64)
+        ih = ((offs_p // W) % H).to(tl.int64)
+        n = (offs_p // (W * H)).to(tl.int64)
+        c = offs_c.to(tl.int64)[None, :]
+        g = tl.load(ga_ptr + (n * sgn + ih * sgh + iw * sgw)[:, None] + c * sgc, mask=ok, other=0.0)
+        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + c * sxc, mask=ok, other=0.0)
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+        xf = xv.to(tl.float32)
+        z = xf * sc[None, :] + sh[None, :]
+        # threshold_backward's rule on the ReLU output: the gradient passes unless z <= 0.
+        gz = tl.where(ok & ~(z <= 0.0), g.to(tl.float32), 0.0)
+        dx = (gz * sc[None, :]).to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + (n * sdn + ih * sdh + iw * sdw)[:, None] + c * sdc, dx, mask=ok)
+        tl.store(pdscale_ptr + pid_p * C + offs_c, tl.sum(gz * xf, axis=0), mask=c_ok)
+        tl.store(pdshift_ptr + pid_p * C + offs_c, tl.sum(gz, axis=0), mask=c_ok)
+
+    @triton.jit
+    def _bn_relu_conv_wgrad_kernel(
+        gy_ptr,  # *T [N, CO, HO, WO]: dL/dy, any strides
+        x_ptr,  # *T [N, C, H, W]: input, any strides
+        scale_ptr,  # *f32 [C]
+        shift_ptr,  # *f32 [C]
+        pdw_ptr,  # *f32 [SPLIT, CO, C, KH, KW], dense: per-split partial dL/dW
+        M,  # N * HO * WO: the GEMM's reduction length (output pixels)
+        C,  # input channels
+        H,  # input height
+        W,  # input width
+        CO,  # output channels
+        HO,  # output height
+        WO,  # output width
+        sgn, sgc, sgh, sgw,  # grad_y strides
+        sxn, sxc, sxh, sxw,  # x strides
+        stride_h, stride_w,  # convolution stride
+        pad_h, pad_w,  # zero padding (of the activation)
+        KH: tl.constexpr,  # kernel height
+        KW: tl.constexpr,  # kernel width
+        INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots
+        BLOCK_CO: tl.constexpr,  # output channels per program
+        BLOCK_C: tl.constexpr,  # input channels per program
+        BLOCK_P: tl.constexpr,  # output pixels per step of the reduction
+    ):  # fmt: skip
+        # Grid: (CO tiles, C tiles, KH*KW*SPLIT). One program owns one (co, c) tile of one tap
+        # and the pixel blocks s, s + SPLIT, s + 2 SPLIT, ... (split-K for parallelism).
+        offs_co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        co_ok = offs_co < CO
+        c_ok = offs_c < C
+        pid_t = tl.program_id(2)
+        tap = pid_t % (KH * KW)
+        split_id = pid_t // (KH * KW)
+        num_split = tl.num_programs(2) // (KH * KW)
+        kh = tap // KW
+        kw = tap % KW
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+        acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
+        for p0 in range(split_id * BLOCK_P, M, num_split * BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = offs_p < M
+            ow = offs_p % WO
+            oh = (offs_p // WO) % HO
+            n = (offs_p // (WO * HO)).to(tl.int64)
+            gy_row = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            gy_offs = offs_co[:, None].to(tl.int64) * sgc + gy_row[None, :]
+            gy = tl.load(gy_ptr + gy_offs, mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+            ih = oh * stride_h - pad_h + kh
+            iw = ow * stride_w - pad_w + kw
+            tap_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            # The activation is recomputed here, in the B operand's load; never stored.
+            a = _bn_relu_tile(x_ptr, x_row, tap_ok, offs_c, c_ok, sxc, sc, sh)
+            acc = tl.dot(gy, a.to(gy.dtype), acc, input_precision=INPUT_PRECISION)
+        out = ((split_id * CO + offs_co[:, None]).to(tl.int64) * C + offs_c[None, :]) * (KH * KW) + tap
+        tl.store(pdw_ptr + out, acc, mask=co_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_KERNELS = ((1, 1), (3, 3))
+
+
+def _triton_covers(x: torch.Tensor, weight: torch.Tensor, conv: _Conv) -> bool:
+    """Whether the Triton kernels handle this call (else the triton backend runs the reference path).
+
+    fp64 is not a Triton target (GPU fp64 dots are slow and the models train in fp32/fp16/bf16);
+    grouped and dilated convolutions and other kernel sizes are rare in ResNet/DenseNet.
+    """
+    return (
+        x.dtype in _TRITON_DTYPES
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and tuple(weight.shape[2:]) in _TRITON_KERNELS
+    )
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 dots follow eager's convolution setting (cuDNN uses tf32 by default on Ampere+).
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _vec(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float32).contiguous()
+
+
+def _fwd_triton(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: _Conv, stats: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _triton_covers(x, weight, conv):
+        return _fwd_reference(x, scale, shift, weight, conv, stats)
+    n, c, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    ho, wo = conv.out_hw(h, w, kh, kw)
+    y = torch.empty((n, co, ho, wo), dtype=x.dtype, device=x.device, memory_format=memory_format(is_channels_last(x)))
+    m = n * ho * wo
+    # GPU starting points (tl.dot needs every dim >= 16); to be autotuned on the target GPU.
+    block_m, block_n, block_k = 64, _pow2(co, 16, 128), _pow2(c, 16, 64)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(co, block_n))
+    psum = torch.empty((grid[0] if stats else 0, co), dtype=torch.float32, device=x.device)
+    psumsq = torch.empty_like(psum)
+    if m and co:
+        _bn_relu_conv_fwd_kernel[grid](
+            x, _vec(scale), _vec(shift), weight, y, psum, psumsq,
+            m, c, h, w, co, ho, wo,
+            *x.stride(), *weight.stride(), *y.stride(),
+            *conv.stride, *conv.padding,
+            KH=kh, KW=kw, STATS=stats, INPUT_PRECISION=_input_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        )  # fmt: skip
+    if not stats:
+        return y, _empty0(y, torch.float32), _empty0(y, torch.float32)
+    return y, psum.sum(dim=0), psumsq.sum(dim=0)
+
+
+def _prologue_bwd_triton(
+    grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c, h, w = x.shape
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(is_channels_last(x)))
+    p = n * h * w
+    block_p, block_c = 64, _pow2(c, 1, 64)
+    grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    pdscale = torch.empty((grid[0], c), dtype=torch.float32, device=x.device)
+    pdshift = torch.empty_like(pdscale)
+    if p and c:
+        _bn_relu_prologue_bwd_kernel[grid](
+            grad_a, x, _vec(scale), _vec(shift), dx, pdscale, pdshift,
+            p, c, h, w, *grad_a.stride(), *x.stride(), *dx.stride(),
+            BLOCK_P=block_p, BLOCK_C=block_c,
+        )  # fmt: skip
+    return dx, pdscale.sum(dim=0).to(scale.dtype), pdshift.sum(dim=0).to(shift.dtype)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _wgrad_split(tiles: int, pixel_blocks: int, device: torch.device) -> int:
+    """Split-K factor: enough programs to fill the GPU (about 2 per SM); 1 in the interpreter."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(pixel_blocks, 2 * _sm_count(index) // max(tiles, 1)))
+
+
+def _wgrad_triton(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    conv: _Conv,
+    split: int | None = None,
+) -> torch.Tensor:
+    """dL/dW as a Triton GEMM ``grad_y^T x relu(x*scale + shift)`` (split-K partials summed by torch)."""
+    n, c, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    ho, wo = grad_y.shape[2:]
+    m = n * ho * wo
+    block_co, block_c, block_p = _pow2(co, 16, 64), _pow2(c, 16, 64), 64
+    tiles = triton.cdiv(co, block_co) * triton.cdiv(c, block_c) * kh * kw
+    if split is None:
+        split = _wgrad_split(tiles, triton.cdiv(m, block_p), x.device)
+    if m == 0:
+        return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    pdw = torch.empty((split, co, c, kh, kw), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(co, block_co), triton.cdiv(c, block_c), kh * kw * split)
+    _bn_relu_conv_wgrad_kernel[grid](
+        grad_y, x, _vec(scale), _vec(shift), pdw,
+        m, c, h, w, co, ho, wo,
+        *grad_y.stride(), *x.stride(), *conv.stride, *conv.padding,
+        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_CO=block_co, BLOCK_C=block_c, BLOCK_P=block_p,
+    )  # fmt: skip
+    return pdw.sum(dim=0).to(weight.dtype)
+
+
+def _dgrad_input_proxy(x: torch.Tensor) -> torch.Tensor:
+    # convolution_backward reads only the shape and layout of `input` for the input gradient;
+    # a dense x passes as is (its layout picks the kernel), a strided view as a stride-0 proxy
+    # so that nothing copies it.
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.new_empty((1,)).expand(x.shape)
+
+
+def _bwd_triton(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    conv: _Conv,
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _triton_covers(x, weight, conv):
+        return _bwd_reference(grad_y, x, scale, shift, weight, conv, need_input, need_weight)
+    dweight = _wgrad_triton(grad_y, x, scale, shift, weight, conv) if need_weight else _empty0(weight)
+    if not need_input:
+        return _empty0(x), _empty0(scale), _empty0(shift), dweight
+    # dgrad: the transposed convolution is a plain GEMM with no prologue, left to PyTorch
+    # (cuDNN on GPU); only the prologue's backward (mask, dx, dscale, dshift) is fused.
+    grad_a = torch.ops.aten.convolution_backward(
+        grad_y, _dgrad_input_proxy(x), weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0],
+        conv.groups, [True, False, False],
+    )[0]  # fmt: skip
+    dx, dscale, dshift = _prologue_bwd_triton(grad_a, x, scale, shift)
+    return dx, dscale, dshift, dweight
+
+
+_FWD = {"reference": _fwd_reference, "triton": _fwd_triton}
+_BWD = {"reference": _bwd_reference, "triton": _bwd_triton}
+
+
+# ----------------------------------------------------------------------------- registration
+def _check(x: object, scale: object, shift: object, weight: object, conv: _Conv) -> None:
+    check_tensor(x, "x", dim=4)
+    check_tensor(weight, "weight", dim=4)
+    check_tensor(scale, "scale", dim=1)
+    check_tensor(shift, "shift", dim=1)
+    c = x.shape[1]
+    for v, name in ((weight, "weight"), (scale, "scale"), (shift, "shift")):
+        if v.device != x.device:
+            raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight has dtype {str(weight.dtype).replace('torch.', '')} but x has {str(x.dtype).replace('torch.', '')}"
+        )
+    for v, name in ((scale, "scale"), (shift, "shift")):
+        if v.shape[0] != c:
+            raise ValueError(f"{name} has {v.shape[0]} elements but x has {c} channels")
+    if weight.shape[1] * conv.groups != c:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} expects {weight.shape[1] * conv.groups} input channels "
+            f"(groups={conv.groups}) but x has {c}"
+        )
+    if weight.shape[0] % conv.groups:
+        raise ValueError(f"weight has {weight.shape[0]} output channels, not divisible by groups={conv.groups}")
+    ho, wo = conv.out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(
+            f"x of spatial size {tuple(x.shape[2:])} is too small for a {tuple(weight.shape[2:])} kernel "
+            f"with padding={conv.padding}, dilation={conv.dilation}"
+        )
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor, conv: _Conv) -> tuple[int, int, int, int]:
+    ho, wo = conv.out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+    return x.shape[0], weight.shape[0], ho, wo
+
+
+@torch.library.custom_op("fastblocks::bn_relu_conv2d", mutates_args=())
+def _bn_relu_conv2d_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(y, Σy, Σy²)``; the sums are ``[C_out]`` when ``stats`` else empty."""
+    conv = _make_conv(stride, padding, dilation, groups)
+    _check(x, scale, shift, weight, conv)
+    backend = _backend.resolve("bn_relu_conv2d", x.device)
+    return _FWD[backend](x, scale, shift, weight, conv, stats)
+
+
+@_bn_relu_conv2d_op.register_fake
+def _(x, scale, shift, weight, stride, padding, dilation, groups, stats):
+    conv = _make_conv(stride, padding, dilation, groups)
+    _check(x, scale, shift, weight, conv)
+    fmt = memory_format(is_channels_last(x))
+    y = torch.empty(_out_shape(x, weight, conv), dtype=x.dtype, device=x.device, memory_format=fmt)
+    cd = _compute_dtype(x.dtype)
+    k = weight.shape[0] if stats else 0
+    return y, x.new_empty((k,), dtype=cd), x.new_empty((k,), dtype=cd)
+
+
+@torch.library.custom_op("fastblocks::bn_relu_conv2d_backward", mutates_args=())
+def _bn_relu_conv2d_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(dx, dscale, dshift, dweight)``; outputs not asked for are empty."""
+    conv = _make_conv(stride, padding, dilation, groups)
+    backend = _backend.resolve("bn_relu_conv2d", x.device)
+    return _BWD[backend](grad_y, x, scale, shift, weight, conv, need_input, need_weight)
+
+
+@_bn_relu_conv2d_backward_op.register_fake
+def _(grad_y, x, scale, shift, weight, stride, padding, dilation, groups, need_input, need_weight):
+    if need_input:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(is_channels_last(x)))
+        dscale, dshift = torch.empty_like(scale), torch.empty_like(shift)
+    else:
+        dx, dscale, dshift = _empty0(x), _empty0(scale), _empty0(shift)
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else _empty0(weight)
+    return dx, dscale, dshift, dweight
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
+    x, scale, shift, weight, stride, padding, dilation, groups, stats = inputs
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    # Absent gradients stay None (the stats outputs are usually not differentiated).
+    ctx.set_materialize_grads(False)
+    # Never the activation: x, the [C] vectors and the weight; y only when the statistics
+    # were returned (their gradient needs it; the consumer BN keeps y alive anyway).
+    ctx.save_for_backward(x, scale, shift, weight, output[0] if stats else None)
+
+
+def _stats_grad_into_y(
+    grad_y: torch.Tensor | None, y: torch.Tensor | None, grad_sum: torch.Tensor | None, grad_sumsq: torch.Tensor | None
+) -> torch.Tensor | None:
+    """dL/dy including the paths through ``Σy`` (d/dy = 1) and ``Σy²`` (d/dy = 2y)."""
+    if y is None or (grad_sum is None and grad_sumsq is None):
+        return grad_y
+    cd = _compute_dtype(y.dtype)
+    g = torch.zeros((), dtype=cd, device=y.device) if grad_y is None else grad_y.to(cd)
+    if grad_sum is not None:
+        g = g + _per_channel(grad_sum.to(cd))
+    if grad_sumsq is not None:
+        g = g + 2.0 * y.to(cd) * _per_channel(grad_sumsq.to(cd))
+    return g.to(y.dtype)
+
+
+@_backend.backward_on_forward_backend
+def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+    x, scale, shift, weight, y = ctx.saved_tensors
+    g = _stats_grad_into_y(grad_y, y, grad_sum, grad_sumsq)
+    need = ctx.needs_input_grad
+    need_input, need_weight = any(need[:3]), need[3]
+    if g is None or not (need_input or need_weight):
+        return (None,) * 9
+    g = g.expand(_out_shape(x, weight, _make_conv(*ctx.conv)))
+    dx, dscale, dshift, dweight = _bn_relu_conv2d_backward_op(
+        g, x, scale, shift, weight, *ctx.conv, need_input=need_input, need_weight=need_weight
+    )
+    pick = (need[0], need[1], need[2], need[3])
+    grads = tuple(t if wanted else None for t, wanted in zip((dx, dscale, dshift, dweight), pick))
+    return (*grads, None, None, None, None, None)
+
+
+_bn_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functional
+def bn_relu_conv2d(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``conv2d(relu(x * scale[c] + shift[c]), weight)`` without storing the activation.
+
+    Zero padding applies to the activation (padded taps are 0, not ``relu(shift)``). Backward
+    recomputes the activation from x; only x, scale, shift and weight are saved (and y when
+    ``stats=True``).
+
+    Args:
+        x: ``[N, C_in, H, W]``, fp16/bf16/fp32/fp64, NCHW, channels_last or any strided view.
+        scale: ``[C_in]`` floating (typically fp32 ``gamma * invstd``); used in fp32 (fp64 for
+            fp64 x).
+        shift: ``[C_in]`` floating (typically fp32 ``beta - mean * scale``).
+        weight: ``[C_out, C_in / groups, kh, kw]``, x's dtype and device. No bias.
+        stride, padding, dilation: int or pair, as :func:`torch.nn.functional.conv2d`
+            (padding >= 0; string paddings are not supported).
+        groups: as :func:`torch.nn.functional.conv2d`.
+        stats: also return the per-output-channel sums the next BatchNorm needs.
+
+    Returns:
+        ``y`` of shape ``[N, C_out, H_out, W_out]`` in x's dtype, channels_last when x is,
+        else contiguous; with ``stats=True``, ``(y, sum, sumsq)`` where ``sum = y.sum((0, 2, 3))``
+        and ``sumsq = (y * y).sum((0, 2, 3))`` are ``[C_out]`` fp32 (fp64 for fp64 x).
+        Everything is differentiable (w.r.t. x, scale, shift and weight).
+
+    Raises:
+        TypeError / ValueError: naming the argument, on a non-tensor, a wrong dtype or rank,
+            a channel or device mismatch, or a bad stride/padding/dilation/groups.
+    """
+    conv = _make_conv(stride, padding, dilation, groups)
+    _check(x, scale, shift, weight, conv)
+    if not isinstance(stats, bool):
+        raise TypeError(f"stats must be a bool, got {stats!r}")
+    y, s, ss = _bn_relu_conv2d_op(
+        x, scale, shift, weight, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, stats
+    )
+    return (y, s, ss) if stats else y
