@@ -171,10 +171,17 @@ def availability(op: str, device_type: str) -> dict[str, str | None]:
 def resolve(op: str, device: torch.device | str) -> str:
     """The backend that runs ``op`` for tensors on ``device`` now.
 
+    Under torch.compile the answer is a constant of the traced graph (the backend is fixed at
+    trace time); Dynamo never traces the availability checks themselves (they query the
+    dispatcher, which it cannot trace).
+
     Raises:
         BackendUnavailableError: a forced backend cannot run here; the message says why.
     """
-    device_type = torch.device(device).type
+    return _resolve_constant(op, torch.device(device).type)
+
+
+def _resolve_uncached(op: str, device_type: str) -> str:
     forced = get_backend()
     if forced is not None:
         reason = unavailable_reason(op, forced, device_type)
@@ -187,6 +194,14 @@ def resolve(op: str, device: torch.device | str) -> str:
         if unavailable_reason(op, backend, device_type) is None:
             return backend
     return "reference"
+
+
+_resolve_eager = torch.compiler.disable(_resolve_uncached, recursive=True)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op: str, device_type: str) -> str:
+    return _resolve_eager(op, device_type)
 
 
 def remember(ctx: object) -> None:

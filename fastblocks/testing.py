@@ -56,20 +56,24 @@ def backends_for(op: str, device: str = "cpu") -> list[str]:
     return [b for b, reason in _backend.availability(op, device).items() if reason is None]
 
 
-def saved_tensor_bytes(fn, *args, **kwargs) -> tuple[object, int]:
+def saved_tensor_bytes(fn, *args, exclude=(), **kwargs) -> tuple[object, int]:
     """Run ``fn(*args, **kwargs)`` and count the bytes autograd saves for backward.
 
     Storages are de-duplicated (a tensor saved twice, or two views of one storage, count once).
     Tensors that are ``args`` themselves are counted too: they are kept alive by the graph.
+    Storages of the tensors in ``exclude`` (e.g. ``model.parameters()``, which exist anyway)
+    are not counted.
 
     Returns:
         ``(result, bytes)``.
     """
     storages: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        if st.data_ptr() not in skip:
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -1,0 +1,801 @@
+"""Memory-efficient DenseNet dense block (one autograd node) and transition.
+
+What is fused. A DenseNet layer computes ``conv3x3(relu(bn2(conv1x1(relu(bn1(cat(features)))))))``
+(Huang et al. 2017, "Densely Connected Convolutional Networks", BC variant). Eager PyTorch
+materialises ``cat(features)`` for every layer and keeps, per layer, the concatenation, the
+bn1/relu1 output, the bottleneck and the bn2/relu2 output: memory quadratic in depth. Here
+(the design of Pleiss et al. 2017, "Memory-Efficient Implementation of DenseNets", without
+their shared-storage tricks, because one autograd node owns everything):
+
+- one buffer per block ``[N, C0 + L*k, H, W]`` (x's memory format). The input is copied into
+  the first ``C0`` channels; layer ``i`` reads the channel prefix ``buf[:, :C_i]``
+  (``C_i = C0 + i*k``) as a view and writes its ``k`` new channels into ``buf[:, C_i:C_i+k]``.
+  No ``torch.cat``; the block output *is* the buffer;
+- the batch statistics (mean, biased var) of every chunk (the input's ``C0`` channels, then
+  each layer's ``k``) are computed once, when the chunk is produced, and every later layer's
+  bn1 reuses them: the statistics of a prefix are the concatenation of its chunks' (BN
+  statistics are per channel), only gamma/beta differ per layer;
+- forward saves the buffer, the per-channel statistics and the parameters: nothing of the
+  bottleneck. Backward walks the layers in reverse, recomputes each bottleneck from the buffer
+  with the saved statistics (no running-statistics update), and accumulates the gradient in
+  one buffer ``G`` of the buffer's shape.
+
+Bytes saved for backward by a DenseNet-201 training forward, fp32, parameters excluded,
+storages de-duplicated (tests/models/test_densenet.py::test_saved_bytes_densenet201_224,
+``pytest -m slow``), with this block, ``dense_transition`` and the fused stem below:
+    8x3x224x224: eager 1549 MiB, torchvision checkpointing 543 MiB (35.0%), fused 58.0 MiB
+    (3.75%); lower bound (the four block buffers + the input) 54.9 MiB (3.55%). The rest is
+    the final ReLU's output (kept by the global average pool) and the statistics vectors.
+    2x3x64x64: eager 32.5 MiB, fused 1.36 MiB (4.2%), lower bound 1.12 MiB (3.5%).
+
+Backward derivation (one layer ``i``, names as in ``_DenseBlockFunction.backward``).
+``X = buf[:, :C_i]``, its chunk statistics ``mu1, var1`` (``[C_i]``), ``inv1 = (var1+eps)^-1/2``,
+``s1 = g1 inv1`` (scale), ``t1 = b1 - mu1 s1`` (shift), ``M = N H W``:
+    a1 = relu(X s1 + t1);  bott = conv1(a1);  a2 = relu(bott s2 + t2);  y = conv2(a2)
+    buf[:, C_i:C_i+k] = dropout(y)
+Given ``dy`` (the finished gradient of the layer's output chunk, see below):
+    da2, dw2 = conv2 backward(dy, a2)
+    norm2 is ordinary training-mode BN (its statistics depend on ``bott`` only), with
+    sg2 = Σ g2', sgx2 = Σ g2' (bott - mu2)  (g2' = da2 masked by relu2):
+        dbott = s2 g2' + b (bott) + c,  b = -s2 inv2² sgx2 / M,  c = -s2 sg2 / M - b mu2
+        dg2 = inv2 sgx2,  db2 = sg2
+    da1, dw1 = conv1 backward(dbott, a1)
+    norm1 with the statistics held fixed (their dependence on the chunks is handled apart),
+    sg1 = Σ g1', sgx1 = Σ g1' (X - mu1):
+        G[:, :C_i] += s1 g1'                                  (the "direct" part)
+        dg1 = inv1 sgx1,  db1 = sg1
+        gmu[:C_i]  += ∂L/∂mu1  = Σ g1' (-s1)                  = -s1 sg1
+        gvar[:C_i] += ∂L/∂var1 = Σ g1' g1 (X-mu1) (-½ inv1³)  = -½ s1 inv1² sgx1
+The chunk statistics are functions of their chunk: ``mu = Σx/M`` and ``var = Σ(x-mu)²/M``, so
+``∂mu/∂x = 1/M`` and ``∂var/∂x = 2 (x - mu)/M`` (the ``-2/M² Σ(x-mu)`` term is zero). Once every
+consumer of a chunk has run its backward (every layer after the one that produced it), the
+chunk's gradient is finished by folding the accumulated ``gmu, gvar`` into it:
+        G[:, chunk] += gmu/M + (2 gvar/M) (x - mu)
+Walking the layers in reverse makes this exact: before layer ``i``'s backward, layers
+``i+1..L-1`` (the only consumers of chunk ``i+1``) are done. For one layer alone this reduces
+to the usual BN backward ``dx = a g' + b x + c`` of ``fastblocks.ops.batchnorm``.
+
+Dropout (``drop_rate > 0``, ``F.dropout`` after each layer as in torchvision): forward calls
+``F.dropout`` exactly as eager does (so, with the same seed, the same masks as the eager model)
+after saving the generator state of x's device (``torch.get_rng_state`` /
+``torch.cuda.get_rng_state``) per layer. Backward restores it inside ``torch.random.fork_rng``
+and draws ``F.dropout(ones)`` of the same shape, dtype and layout: the same mask times
+``1/(1-p)``. No mask is stored and the global generator is left as it was.
+
+Mixed precision. Under ``torch.autocast`` the block computes in the autocast dtype (fp16/bf16):
+the input and the conv weights are cast once before the autograd node (so their casts'
+backward returns gradients in the parameters' dtypes), the buffer and the bottleneck are in
+that dtype, BN statistics and scale/shift are fp32, and autocast is disabled inside forward
+and backward so every conv runs in that one dtype. Without autocast everything is in x's dtype
+(the conv weights must have it, as for ``F.conv2d``).
+
+torch.compile. The block, the transition and the stem are ``torch.autograd.Function``s built
+from traceable pieces: Dynamo traces their forward and backward (``backend="aot_eager"`` runs
+a whole DenseNet with ``fullgraph=True``). The backend choice is read once at trace time (a
+constant of the graph: changing ``fastblocks.set_backend`` afterwards needs a recompile). With
+``drop_rate > 0`` the generator-state calls (``torch.get_rng_state``) are not traceable: the
+graph breaks at each block, which then runs eagerly; results are unchanged.
+
+Transition (``dense_transition``): BN-ReLU-conv1x1-avgpool(2) as one autograd node that saves
+only its input (the block buffer, already saved by the block) and the statistics. It pools
+*before* the 1x1 conv: both are linear and the conv acts per pixel, so
+``pool(conv1x1(a)) == conv1x1(pool(a))``; pooling first runs the conv on a quarter of the
+pixels (4x fewer MACs forward and backward). Results differ from torchvision's order by
+rounding only.
+
+Limits: the bottleneck convs are ``torch`` convolutions on the (transient) activation; the
+BN-ReLU prologue fusion into the 1x1 GEMM is future work. The kernel-table functions take
+the prefix view as is: the Triton and compiled launchers make a dense copy of it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from fastblocks import _backend
+from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
+from fastblocks.ops.batchnorm import _BY_BACKEND, _compute_dtype, _scale_shift, update_running_stats
+
+_COMPILED = ("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply")
+for _name in ("dense_block", "dense_transition"):
+    _backend.register_op(_backend.OpSpec(name=_name, triton=True, compiled=_COMPILED))
+
+
+def kernels_for(op: str, device: torch.device):
+    """The kernel table (``stats/apply/bwd_reduce/bwd_apply``) of the backend running ``op`` here."""
+    return _BY_BACKEND[_backend.resolve(op, device.type)]
+
+
+# ----------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class BatchNormParams:
+    """The tensors and settings of one BatchNorm2d (what ``F.batch_norm`` takes).
+
+    Attributes:
+        weight, bias: ``[C]`` affine parameters, or ``None`` (``affine=False``).
+        running_mean, running_var: ``[C]`` buffers, or ``None`` (``track_running_stats=False``).
+        num_batches_tracked: scalar buffer incremented once per training forward, or ``None``.
+        momentum: as ``nn.BatchNorm2d`` (``None``: cumulative average).
+        eps: added to the variance.
+    """
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    num_batches_tracked: torch.Tensor | None = None
+    momentum: float | None = 0.1
+    eps: float = 1e-5
+
+    @classmethod
+    def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> BatchNormParams:
+        """The parameters and buffers of ``bn`` (shared, not copied)."""
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
+
+    @property
+    def num_features(self) -> int | None:
+        for t in (self.weight, self.bias, self.running_mean, self.running_var):
+            if t is not None:
+                return t.numel()
+        return None
+
+
+@dataclass(frozen=True)
+class DenseLayerParams:
+    """One DenseNet-BC layer: ``conv2(relu(norm2(conv1(relu(norm1(prefix))))))``.
+
+    Attributes:
+        norm1: BatchNorm over the layer's ``C_i = C0 + i*k`` input channels.
+        conv1_weight: ``[B, C_i, 1, 1]`` (``B = bn_size * k``), no bias.
+        norm2: BatchNorm over ``B`` channels.
+        conv2_weight: ``[k, B, 3, 3]`` (padding 1), no bias.
+    """
+
+    norm1: BatchNormParams
+    conv1_weight: torch.Tensor
+    norm2: BatchNormParams
+    conv2_weight: torch.Tensor
+
+    @classmethod
+    def from_module(cls, layer: torch.nn.Module) -> DenseLayerParams:
+        """From a module with torchvision's ``norm1``/``conv1``/``norm2``/``conv2`` attributes."""
+        return cls(
+            BatchNormParams.from_module(layer.norm1),
+            layer.conv1.weight,
+            BatchNormParams.from_module(layer.norm2),
+            layer.conv2.weight,
+        )
+
+
+@dataclass(frozen=True)
+class _BlockConfig:
+    num_layers: int
+    growth_rate: int
+    eps1: tuple[float, ...]
+    eps2: tuple[float, ...]
+    drop_rate: float
+    training: bool
+
+
+_PER_LAYER = 6  # norm1 weight, norm1 bias, conv1 weight, norm2 weight, norm2 bias, conv2 weight
+_PER_LAYER_RUNNING = 4  # norm1 running mean/var, norm2 running mean/var (eval only)
+
+
+# ----------------------------------------------------------------------------- reference
+def dense_block_reference(
+    x: torch.Tensor,
+    layers: Sequence[DenseLayerParams],
+    *,
+    training: bool,
+    drop_rate: float = 0.0,
+) -> torch.Tensor:
+    """The specification: torchvision's eager dense block (``torch.cat`` and ``F.batch_norm``).
+
+    Updates the running buffers as ``nn.BatchNorm2d`` does (``num_batches_tracked`` included).
+    Shapes as :func:`dense_block`.
+    """
+    features = [x]
+    for p in layers:
+        h = torch.cat(features, 1)
+        for bn, weight, padding in ((p.norm1, p.conv1_weight, 0), (p.norm2, p.conv2_weight, 1)):
+            factor = _momentum_factor(bn, training)
+            h = F.batch_norm(
+                h, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                training or bn.running_mean is None, factor, bn.eps,
+            )  # fmt: skip
+            h = F.conv2d(torch.relu(h), weight, padding=padding)
+        if drop_rate > 0:
+            h = F.dropout(h, p=drop_rate, training=training)
+        features.append(h)
+    return torch.cat(features, 1)
+
+
+def _momentum_factor(bn: BatchNormParams, training: bool) -> float:
+    """``nn.BatchNorm2d``'s exponential_average_factor, incrementing num_batches_tracked."""
+    if not (training and bn.running_mean is not None and bn.num_batches_tracked is not None):
+        return 0.0 if bn.momentum is None else bn.momentum
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    raise NotImplementedError(f"dense_block: drop_rate > 0 is supported on cpu and cuda tensors, not {device.type}")
+
+
+def _dropout_noise(state: torch.Tensor, like: torch.Tensor, p: float, channels_last: bool) -> torch.Tensor:
+    """``F.dropout(ones)`` drawn from generator ``state``: forward's mask times ``1/(1-p)``."""
+    device = like.device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        ones = torch.empty(like.shape, dtype=like.dtype, device=device, memory_format=memory_format(channels_last))
+        return F.dropout(ones.fill_(1), p, True)
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _compute_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype for x's device when autocast is on, else x's dtype."""
+    dt = x.device.type
+    if dt in ("cpu", "cuda") and torch.is_autocast_enabled(dt) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dt)
+    return x.dtype
+
+
+def _conv_backward(
+    grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, padding: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight) of ``F.conv2d(inp, weight, padding=padding)`` (stride 1)."""
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    return gi, gw
+
+
+def _check_train_batch(shape: torch.Size, training: bool) -> None:
+    """nn.BatchNorm2d's error for one value per channel in training (same text)."""
+    if training and shape[0] * shape[2] * shape[3] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+
+
+def _training_coefficients(
+    scale: torch.Tensor, invstd: torch.Tensor, mean: torch.Tensor, sum_g: torch.Tensor, sum_gx: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, c) of the training BN backward ``dx = a g' + b x + c`` (see ops/batchnorm.py)."""
+    b = -scale * invstd * invstd * sum_gx / m
+    return scale, b, -scale * sum_g / m - b * mean
+
+
+# ----------------------------------------------------------------------------- dense block
+def _block_forward(
+    x: torch.Tensor,
+    cfg: _BlockConfig,
+    params: Sequence[torch.Tensor | None],
+    running: Sequence[torch.Tensor | None],
+    save_rng: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Forward of the block; returns (buf, mean1, var1, mean2, var2, rng_states).
+
+    Training: ``mean1/var1`` ``[C0 + (L-1) k]`` are the chunk statistics (the last chunk's are
+    not needed by the block), ``mean2/var2`` ``[L, B]`` the bottlenecks'. Eval: empty.
+    """
+    n, c0, h, w = x.shape
+    nl, k = cfg.num_layers, cfg.growth_rate
+    cl = is_channels_last(x)
+    sd = _compute_dtype(x.dtype)
+    kern = kernels_for("dense_block", x.device)
+    buf = torch.empty((n, c0 + nl * k, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(cl))
+    buf[:, :c0].copy_(x)
+    bott_ch = params[2].shape[0]
+    if cfg.training:
+        mean1 = torch.empty(c0 + (nl - 1) * k, dtype=sd, device=x.device)
+        var1 = torch.empty_like(mean1)
+        mean2 = torch.empty((nl, bott_ch), dtype=sd, device=x.device)
+        var2 = torch.empty_like(mean2)
+        m, v = kern.stats(x, cl)
+        mean1[:c0].copy_(m)
+        var1[:c0].copy_(v)
+    else:
+        mean1 = var1 = mean2 = var2 = torch.empty(0, dtype=sd, device=x.device)
+    rng: list[torch.Tensor] = []
+    for i in range(nl):
+        g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
+        ci = c0 + i * k
+        if cfg.training:
+            m1, v1 = mean1[:ci], var1[:ci]
+        else:
+            m1, v1 = running[i * _PER_LAYER_RUNNING].to(sd), running[i * _PER_LAYER_RUNNING + 1].to(sd)
+        s1, t1, _ = _scale_shift(m1, v1, g1, b1, cfg.eps1[i])
+        bott = F.conv2d(kern.apply(buf[:, :ci], s1, t1, None, True, cl), w1)
+        if cfg.training:
+            m2, v2 = kern.stats(bott, cl)
+            mean2[i].copy_(m2)
+            var2[i].copy_(v2)
+        else:
+            m2, v2 = running[i * _PER_LAYER_RUNNING + 2].to(sd), running[i * _PER_LAYER_RUNNING + 3].to(sd)
+        s2, t2, _ = _scale_shift(m2, v2, g2, b2, cfg.eps2[i])
+        y = F.conv2d(kern.apply(bott, s2, t2, None, True, cl), w2, padding=1)
+        del bott
+        if cfg.training and cfg.drop_rate > 0:
+            if save_rng:
+                rng.append(_rng_state(x.device))
+            y = F.dropout(y, cfg.drop_rate, True)
+        if cfg.training and i < nl - 1:
+            m, v = kern.stats(y, cl)
+            mean1[ci : ci + k].copy_(m)
+            var1[ci : ci + k].copy_(v)
+        buf[:, ci : ci + k].copy_(y)
+    return buf, mean1, var1, mean2, var2, rng
+
+
+def _fold_stats_grad(
+    kern, g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, gmu: torch.Tensor, gvar: torch.Tensor, m: int, cl: bool
+) -> None:
+    """``g += gmu/M + (2 gvar/M)(x - mean)`` in place: the gradient through a chunk's statistics."""
+    b = 2.0 * gvar / m
+    c = gmu / m - b * mean
+    one = torch.ones_like(b)
+    g.copy_(kern.bwd_apply(g, x, one, torch.zeros_like(b), None, one, b, c, False, cl))
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    """The whole dense block as one autograd node (see the module docstring for the math)."""
+
+    @staticmethod
+    def forward(ctx, x, cfg: _BlockConfig, *tensors):
+        nparams = cfg.num_layers * _PER_LAYER
+        params, running = tensors[:nparams], tensors[nparams:]
+        buf, mean1, var1, mean2, var2, rng = _block_forward(x, cfg, params, running, save_rng=True)
+        ctx.cfg, ctx.c0, ctx.channels_last = cfg, x.shape[1], is_channels_last(x)
+        ctx.has_param = [t is not None for t in params]
+        ctx.save_for_backward(buf, mean1, var1, mean2, var2, *params, *running, *rng)
+        ctx.mark_non_differentiable(mean1, var1, mean2, var2)
+        return buf, mean1, var1, mean2, var2
+
+    @staticmethod
+    def backward(ctx, grad_buf, *_stats_grads):
+        cfg: _BlockConfig = ctx.cfg
+        nl, k, c0, cl = cfg.num_layers, cfg.growth_rate, ctx.c0, ctx.channels_last
+        saved = ctx.saved_tensors
+        buf, mean1, var1, mean2, var2 = saved[:5]
+        nparams = nl * _PER_LAYER
+        params = saved[5 : 5 + nparams]
+        nrun = 0 if cfg.training else nl * _PER_LAYER_RUNNING
+        running = saved[5 + nparams : 5 + nparams + nrun]
+        rng = saved[5 + nparams + nrun :]
+        kern = kernels_for("dense_block", buf.device)
+        sd = _compute_dtype(buf.dtype)
+        n, _, h, w = buf.shape
+        m = n * h * w
+        grads: list[torch.Tensor | None] = [None] * (nparams + nrun)
+        with _no_autocast(buf.device.type):
+            g = torch.empty_like(buf)  # the one gradient buffer
+            g.copy_(grad_buf)
+            if cfg.training:
+                gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)
+            for i in reversed(range(nl)):
+                g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
+                ci = c0 + i * k
+                out = slice(ci, ci + k)
+                if cfg.training and i < nl - 1:
+                    # Layers i+1.. (every consumer of chunk i+1) are done: finish its gradient.
+                    _fold_stats_grad(kern, g[:, out], buf[:, out], mean1[out], gmu[out], gvar[out], m, cl)
+                dy = g[:, out]
+                if cfg.training and cfg.drop_rate > 0:
+                    dy = dy * _dropout_noise(rng[i], dy, cfg.drop_rate, cl)
+                # Recompute the bottleneck with the saved statistics (no running-stat update).
+                if cfg.training:
+                    m1, v1, m2, v2 = mean1[:ci], var1[:ci], mean2[i], var2[i]
+                else:
+                    m1, v1, m2, v2 = (t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
+                s1, t1, inv1 = _scale_shift(m1, v1, g1, b1, cfg.eps1[i])
+                s2, t2, inv2 = _scale_shift(m2, v2, g2, b2, cfg.eps2[i])
+                x_pre = buf[:, :ci]
+                a1 = kern.apply(x_pre, s1, t1, None, True, cl)
+                bott = F.conv2d(a1, w1)
+                a2 = kern.apply(bott, s2, t2, None, True, cl)
+                da2, dw2 = _conv_backward(dy, a2, w2, 1)
+                del a2, dy
+                # norm2 + relu2: training-mode BN backward (its statistics depend on bott only).
+                sg2, sgx2 = kern.bwd_reduce(da2, bott, m2, s2, t2, None, True, cl)
+                if cfg.training:
+                    ca, cb, cc = _training_coefficients(s2, inv2, m2, sg2, sgx2, m)
+                else:
+                    ca, cb, cc = s2, torch.zeros_like(s2), torch.zeros_like(s2)
+                dbott = kern.bwd_apply(da2, bott, s2, t2, None, ca, cb, cc, True, cl)
+                del da2, bott
+                da1, dw1 = _conv_backward(dbott, a1, w1, 0)
+                del dbott, a1
+                # norm1 + relu1 with the statistics held fixed; their share goes to gmu/gvar.
+                sg1, sgx1 = kern.bwd_reduce(da1, x_pre, m1, s1, t1, None, True, cl)
+                zero = torch.zeros_like(s1)
+                g[:, :ci] += kern.bwd_apply(da1, x_pre, s1, t1, None, s1, zero, zero, True, cl)
+                del da1
+                if cfg.training:
+                    gmu[:ci] -= s1 * sg1
+                    gvar[:ci] -= 0.5 * s1 * inv1 * inv1 * sgx1
+                base = i * _PER_LAYER
+                layer_grads = (inv1 * sgx1, sg1, dw1, inv2 * sgx2, sg2, dw2)
+                for j, (gr, has) in enumerate(zip(layer_grads, ctx.has_param[base : base + _PER_LAYER])):
+                    if has:
+                        grads[base + j] = gr.to(params[base + j].dtype)
+            if cfg.training:
+                _fold_stats_grad(kern, g[:, :c0], buf[:, :c0], mean1[:c0], gmu[:c0], gvar[:c0], m, cl)
+            dx = g[:, :c0].contiguous(memory_format=memory_format(cl))
+        return (dx, None, *grads)
+
+
+def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerParams], training: bool) -> tuple[int, int]:
+    """Validate shapes; returns (growth_rate k, bottleneck channels B)."""
+    check_tensor(x, "x", dim=4)
+    if len(layers) == 0:
+        raise ValueError("dense_block needs at least one layer")
+    c0 = x.shape[1]
+    k = layers[0].conv2_weight.shape[0]
+    bott = layers[0].conv1_weight.shape[0]
+    for i, p in enumerate(layers):
+        ci = c0 + i * k
+        if p.norm1.num_features not in (None, ci):
+            raise ValueError(
+                f"layer {i}: norm1 has {p.norm1.num_features} channels but its input has {ci} "
+                f"(x has {c0} channels, growth rate {k})"
+            )
+        if tuple(p.conv1_weight.shape) != (bott, ci, 1, 1):
+            raise ValueError(
+                f"layer {i}: conv1_weight must have shape {(bott, ci, 1, 1)}, got {tuple(p.conv1_weight.shape)}"
+            )
+        if p.norm2.num_features not in (None, bott):
+            raise ValueError(f"layer {i}: norm2 has {p.norm2.num_features} channels, expected {bott}")
+        if tuple(p.conv2_weight.shape) != (k, bott, 3, 3):
+            raise ValueError(
+                f"layer {i}: conv2_weight must have shape {(k, bott, 3, 3)}, got {tuple(p.conv2_weight.shape)}"
+            )
+        for bn, name in ((p.norm1, "norm1"), (p.norm2, "norm2")):
+            if not training and (bn.running_mean is None or bn.running_var is None):
+                raise ValueError(f"layer {i}: {name} has no running statistics: eval mode needs them")
+        for t, name in ((p.conv1_weight, "conv1_weight"), (p.conv2_weight, "conv2_weight")):
+            if t.device != x.device:
+                raise ValueError(f"layer {i}: {name} is on {t.device} but x is on {x.device}")
+    _check_train_batch(x.shape, training)
+    return k, bott
+
+
+def _cast_weight(w: torch.Tensor, x: torch.Tensor, cd: torch.dtype, name: str) -> torch.Tensor:
+    """The conv weight in the compute dtype: cast under autocast, else it must match x (as F.conv2d)."""
+    if w.dtype == cd:
+        return w
+    if not _autocasting(x):
+        raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype} (outside autocast they must match)")
+    return w.to(cd)
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def _needs_graph(tensors: Sequence[torch.Tensor | None]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def dense_block(
+    x: torch.Tensor,
+    layers: Sequence[DenseLayerParams],
+    *,
+    training: bool,
+    drop_rate: float = 0.0,
+) -> torch.Tensor:
+    """A DenseNet dense block, memory-efficient: ``[N, C0, H, W] -> [N, C0 + L*k, H, W]``.
+
+    Output equals torchvision's ``_DenseBlock`` (``cat([x, y_1, ..., y_L], 1)``, ``y_i`` the
+    new features of layer ``i``). One autograd node; saves the output buffer and per-channel
+    statistics only (see the module docstring).
+
+    Args:
+        x: ``[N, C0, H, W]``, NCHW or channels_last (the output has the same layout).
+        layers: ``L`` layers; layer ``i`` has ``norm1`` over ``C0 + i*k`` channels,
+            ``conv1_weight [B, C0 + i*k, 1, 1]``, ``norm2`` over ``B``, ``conv2_weight [k, B, 3, 3]``.
+        training: normalize with batch statistics and update every BN's running buffers
+            exactly once (``num_batches_tracked`` too); else use the running statistics.
+        drop_rate: dropout probability after each layer (training only), as torchvision.
+
+    Returns:
+        ``[N, C0 + L*k, H, W]`` in x's dtype (the autocast dtype under autocast) and layout.
+    """
+    k, _ = _check_block(x, layers, training)
+    cd = _compute_dtype_of(x)
+    flat: list[torch.Tensor | None] = []
+    for i, p in enumerate(layers):
+        flat += [
+            p.norm1.weight, p.norm1.bias, _cast_weight(p.conv1_weight, x, cd, f"layer {i} conv1_weight"),
+            p.norm2.weight, p.norm2.bias, _cast_weight(p.conv2_weight, x, cd, f"layer {i} conv2_weight"),
+        ]  # fmt: skip
+    running: list[torch.Tensor | None] = []
+    if not training:
+        for p in layers:
+            running += [p.norm1.running_mean, p.norm1.running_var, p.norm2.running_mean, p.norm2.running_var]
+    cfg = _BlockConfig(
+        num_layers=len(layers),
+        growth_rate=k,
+        eps1=tuple(float(p.norm1.eps) for p in layers),
+        eps2=tuple(float(p.norm2.eps) for p in layers),
+        drop_rate=float(drop_rate),
+        training=training,
+    )
+    xc = x.to(cd)
+    with _no_autocast(x.device.type):
+        if _needs_graph([xc, *flat]):
+            buf, mean1, var1, mean2, var2 = _DenseBlockFunction.apply(xc, cfg, *flat, *running)
+        else:
+            buf, mean1, var1, mean2, var2, _ = _block_forward(xc, cfg, flat, running, save_rng=False)
+    if training:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        _update_block_running_stats(layers, (mean1, var1, mean2, var2), x.shape[1], k, count)
+    return buf
+
+
+@torch.no_grad()
+def _update_block_running_stats(
+    layers: Sequence[DenseLayerParams],
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    c0: int,
+    k: int,
+    count: int,
+) -> None:
+    """Every norm1/norm2 once, as ``nn.BatchNorm2d``: norm1 of layer i sees the prefix's stats.
+
+    ``stats`` = (mean1, var1, mean2, var2) of :func:`_block_forward`. Fixed-momentum BNs are
+    updated with four multi-tensor (``torch._foreach_*``) calls in all instead of several small
+    kernels each: DenseNet-201 has 196 BatchNorms in its dense blocks.
+    """
+    mean1, var1, mean2, var2 = stats
+    correction = count / max(count - 1, 1)  # running_var stores the unbiased variance
+    unbiased1, unbiased2 = var1 * correction, var2 * correction
+    groups: dict[tuple[float, torch.dtype], list[list[torch.Tensor]]] = {}
+    counters: list[torch.Tensor] = []
+    for i, p in enumerate(layers):
+        ci = c0 + i * k
+        for bn, mean, var, unbiased in (
+            (p.norm1, mean1[:ci], var1[:ci], unbiased1[:ci]),
+            (p.norm2, mean2[i], var2[i], unbiased2[i]),
+        ):
+            if bn.running_mean is None:
+                continue
+            if bn.momentum is None:  # cumulative average: the factor depends on this BN's counter
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.add_(1)
+                update_running_stats(bn.running_mean, bn.running_var, mean, var, count, None, bn.num_batches_tracked)
+                continue
+            if bn.num_batches_tracked is not None:
+                counters.append(bn.num_batches_tracked)
+            lists = groups.setdefault((float(bn.momentum), bn.running_mean.dtype), [[], [], [], []])
+            lists[0].append(bn.running_mean)
+            lists[1].append(bn.running_var)
+            lists[2].append(mean.to(bn.running_mean.dtype))
+            lists[3].append(unbiased.to(bn.running_var.dtype))
+    if counters:
+        torch._foreach_add_(counters, 1)
+    for (momentum, _), (rm, rv, bm, bv) in groups.items():
+        torch._foreach_mul_(rm, 1.0 - momentum)
+        torch._foreach_add_(rm, bm, alpha=momentum)
+        torch._foreach_mul_(rv, 1.0 - momentum)
+        torch._foreach_add_(rv, bv, alpha=momentum)
+
+
+# ----------------------------------------------------------------------------- transition
+class _TransitionFunction(torch.autograd.Function):
+    """BN-ReLU-avgpool(2)-conv1x1 as one node; saves x and the statistics, recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, x, training: bool, eps: float, weight, bias, conv_weight, running_mean, running_var):
+        cl = is_channels_last(x)
+        kern = kernels_for("dense_transition", x.device)
+        sd = _compute_dtype(x.dtype)
+        if training:
+            mean, var = kern.stats(x, cl)
+        else:
+            mean, var = running_mean.to(sd), running_var.to(sd)
+        scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
+        pooled = F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
+        out = F.conv2d(pooled, conv_weight)
+        ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
+        ctx.save_for_backward(x, weight, bias, conv_weight, mean, var)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _gm, _gv):
+        x, weight, bias, conv_weight, mean, var = ctx.saved_tensors
+        cl = ctx.channels_last
+        kern = kernels_for("dense_transition", x.device)
+        with _no_autocast(x.device.type):
+            scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
+            pooled = F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
+            dpooled, dconv = _conv_backward(grad_out, pooled, conv_weight, 0)
+            del pooled
+            # avg_pool2d_backward reads only the shape of `self`: x has it.
+            da = torch.ops.aten.avg_pool2d_backward(dpooled, x, [2, 2], [2, 2], [0, 0], False, True, None)
+            del dpooled
+            sum_g, sum_gx = kern.bwd_reduce(da, x, mean, scale, shift, None, True, cl)
+            if ctx.training:
+                a, b, c = _training_coefficients(scale, invstd, mean, sum_g, sum_gx, x.numel() // x.shape[1])
+            else:
+                a, b, c = scale, torch.zeros_like(scale), torch.zeros_like(scale)
+            dx = kern.bwd_apply(da, x, scale, shift, None, a, b, c, True, cl)
+        dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
+        dbias = None if bias is None else sum_g.to(bias.dtype)
+        return dx, None, None, dweight, dbias, dconv, None, None
+
+
+def dense_transition_reference(
+    x: torch.Tensor, norm: BatchNormParams, conv_weight: torch.Tensor, *, training: bool
+) -> torch.Tensor:
+    """The specification: torchvision's ``_Transition`` (BN, ReLU, conv1x1, avgpool 2)."""
+    factor = _momentum_factor(norm, training)
+    h = F.batch_norm(
+        x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+        training or norm.running_mean is None, factor, norm.eps,
+    )  # fmt: skip
+    return F.avg_pool2d(F.conv2d(torch.relu(h), conv_weight), 2, 2)
+
+
+def dense_transition(
+    x: torch.Tensor, norm: BatchNormParams, conv_weight: torch.Tensor, *, training: bool
+) -> torch.Tensor:
+    """DenseNet transition ``avgpool2(conv1x1(relu(bn(x))))`` saving only x for backward.
+
+    Args:
+        x: ``[N, C, H, W]`` (H, W >= 2), NCHW or channels_last; typically a block's buffer.
+        norm: the BatchNorm over ``C`` (running buffers updated once in training).
+        conv_weight: ``[C_out, C, 1, 1]``.
+        training: batch statistics (and running-stat update) or running statistics.
+
+    Returns:
+        ``[N, C_out, H // 2, W // 2]`` in x's dtype (the autocast dtype under autocast).
+    """
+    check_tensor(x, "x", dim=4)
+    if norm.num_features not in (None, x.shape[1]):
+        raise ValueError(f"norm has {norm.num_features} channels but x has {x.shape[1]}")
+    if conv_weight.dim() != 4 or tuple(conv_weight.shape[1:]) != (x.shape[1], 1, 1):
+        raise ValueError(f"conv_weight must have shape [C_out, {x.shape[1]}, 1, 1], got {tuple(conv_weight.shape)}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(
+            f"transition: the {x.shape[2]}x{x.shape[3]} feature map is too small for the 2x2 average pool "
+            "(the input image is too small for this network)"
+        )
+    if not training and (norm.running_mean is None or norm.running_var is None):
+        raise ValueError("transition norm has no running statistics: eval mode needs them")
+    _check_train_batch(x.shape, training)
+    cd = _compute_dtype_of(x)
+    w = _cast_weight(conv_weight, x, cd, "conv_weight")
+    xc = x.to(cd)
+    rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
+    with _no_autocast(x.device.type):
+        out, mean, var = _TransitionFunction.apply(xc, training, float(norm.eps), norm.weight, norm.bias, w, rm, rv)
+    if training and norm.running_mean is not None:
+        _update_running(norm, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    return out
+
+
+def _update_running(norm: BatchNormParams, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """One BatchNorm's training-forward update (``num_batches_tracked`` first, as nn.BatchNorm2d)."""
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    update_running_stats(norm.running_mean, norm.running_var, mean, var, count, norm.momentum, norm.num_batches_tracked)
+
+
+# ----------------------------------------------------------------------------- stem
+class _StemFunction(torch.autograd.Function):
+    """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node; saves x (the network input) and the statistics."""
+
+    @staticmethod
+    def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var):
+        kern = kernels_for("dense_transition", x.device)
+        c = F.conv2d(x, conv_weight, stride=2, padding=3)
+        cl = is_channels_last(c)
+        sd = _compute_dtype(c.dtype)
+        if training:
+            mean, var = kern.stats(c, cl)
+        else:
+            mean, var = running_mean.to(sd), running_var.to(sd)
+        scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
+        out = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1)
+        ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
+        ctx.save_for_backward(x, conv_weight, weight, bias, mean, var)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _gm, _gv):
+        x, conv_weight, weight, bias, mean, var = ctx.saved_tensors
+        cl = ctx.channels_last
+        kern = kernels_for("dense_transition", x.device)
+        with _no_autocast(x.device.type):
+            c = F.conv2d(x, conv_weight, stride=2, padding=3)
+            scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
+            a = kern.apply(c, scale, shift, None, True, cl)
+            _, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
+            da = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad_out, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx
+            )
+            del a, idx
+            sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
+            if ctx.training:
+                ca, cb, cc = _training_coefficients(scale, invstd, mean, sum_g, sum_gx, c.numel() // c.shape[1])
+            else:
+                ca, cb, cc = scale, torch.zeros_like(scale), torch.zeros_like(scale)
+            dc = kern.bwd_apply(da, c, scale, shift, None, ca, cb, cc, True, cl)
+            del da, c
+            dx, dconv, _ = torch.ops.aten.convolution_backward(
+                dc, x, conv_weight, None, [2, 2], [3, 3], [1, 1], False, [0, 0], 1,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
+            )  # fmt: skip
+        dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
+        dbias = None if bias is None else sum_g.to(bias.dtype)
+        return dx, None, None, dconv, dweight, dbias, None, None
+
+
+def stem_reference(
+    x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
+) -> torch.Tensor:
+    """The specification: torchvision's stem (conv 7x7/2 pad 3, BN, ReLU, max pool 3x3/2 pad 1)."""
+    factor = _momentum_factor(norm, training)
+    h = F.batch_norm(
+        F.conv2d(x, conv_weight, stride=2, padding=3), norm.running_mean, norm.running_var, norm.weight, norm.bias,
+        training or norm.running_mean is None, factor, norm.eps,
+    )  # fmt: skip
+    return F.max_pool2d(torch.relu(h), 3, 2, 1)
+
+
+def stem_conv_bn_relu_pool(
+    x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
+) -> torch.Tensor:
+    """ImageNet stem ``maxpool3x3/2(relu(bn(conv7x7/2(x))))`` saving only x for backward.
+
+    Backward recomputes the convolution (about 4% of DenseNet-121's forward MACs) instead of
+    keeping the conv output, the ReLU output and the max-pool indices: at 224x224 those are
+    larger than all four dense-block buffers together. Used by DenseNet; it is ResNet's stem too.
+
+    Args:
+        x: ``[N, C_in, H, W]`` (NCHW or channels_last); the network input.
+        conv_weight: ``[C, C_in, 7, 7]``.
+        norm: the BatchNorm over ``C`` (running buffers updated once in training).
+        training: batch statistics (and running-stat update) or running statistics.
+
+    Returns:
+        ``[N, C, H', W']`` with ``H1 = (H - 1) // 2 + 1`` and ``H' = (H1 - 1) // 2 + 1``.
+    """
+    check_tensor(x, "x", dim=4)
+    if conv_weight.dim() != 4 or conv_weight.shape[1] != x.shape[1] or tuple(conv_weight.shape[2:]) != (7, 7):
+        raise ValueError(f"conv_weight must have shape [C, {x.shape[1]}, 7, 7], got {tuple(conv_weight.shape)}")
+    if norm.num_features not in (None, conv_weight.shape[0]):
+        raise ValueError(f"norm has {norm.num_features} channels but conv_weight has {conv_weight.shape[0]} outputs")
+    if not training and (norm.running_mean is None or norm.running_var is None):
+        raise ValueError("stem norm has no running statistics: eval mode needs them")
+    h1, w1 = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1  # the conv's output size
+    _check_train_batch(torch.Size((x.shape[0], conv_weight.shape[0], h1, w1)), training)
+    cd = _compute_dtype_of(x)
+    w = _cast_weight(conv_weight, x, cd, "conv_weight")
+    xc = x.to(cd)
+    rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
+    with _no_autocast(x.device.type):
+        out, mean, var = _StemFunction.apply(xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv)
+    if training and norm.running_mean is not None:
+        _update_running(norm, mean, var, x.shape[0] * h1 * w1)
+    return out

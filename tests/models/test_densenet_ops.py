@@ -1,0 +1,294 @@
+"""The memory-efficient dense block, transition and stem ops against their eager references.
+
+The eager references (``*_reference`` in fastblocks/ops/dense_block.py) are torchvision's
+forward with ``torch.cat`` and ``F.batch_norm``; autograd of them is the ground truth for the
+hand-written backward (including the gradient through the shared chunk statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastblocks
+from fastblocks.models.densenet import _DenseBlock
+from fastblocks.ops.dense_block import (
+    BatchNormParams,
+    DenseLayerParams,
+    dense_block,
+    dense_block_reference,
+    dense_transition,
+    dense_transition_reference,
+    stem_conv_bn_relu_pool,
+    stem_reference,
+)
+from fastblocks.testing import assert_close_to_reference, max_abs_err
+from tests.helpers import skip_unless_available
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+def _randomize_bn(module: nn.Module, seed: int) -> None:
+    """Non-trivial affine parameters and running statistics (init is 1/0/0/1)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def _block(c0=5, k=3, bn_size=2, num_layers=3, dtype=torch.float64, seed=0, drop_rate=0.0, momentum=0.1):
+    torch.manual_seed(seed)
+    block = _DenseBlock(num_layers, c0, bn_size, k, drop_rate).to(dtype)
+    _randomize_bn(block, seed)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    return block
+
+
+def _params(block: nn.Module) -> list[DenseLayerParams]:
+    return [DenseLayerParams.from_module(layer) for layer in block.values()]
+
+
+def _input(shape, dtype, channels_last, seed=1):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _compare_modules(a: nn.Module, b: nn.Module, tol: float, grads: bool = True) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if grads:
+            scale = max(1.0, float(pb.grad.abs().max()))
+            assert max_abs_err(pa.grad, pb.grad) <= tol * scale, f"grad of {name}"
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
+        assert max_abs_err(ba.double(), bb.double()) <= tol, f"buffer {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dense_block_matches_reference(dtype, channels_last, training):
+    fused = _block(dtype=dtype)
+    ref = copy.deepcopy(fused)
+    x = _input((3, 5, 6, 7), dtype, channels_last)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf = dense_block(xf, _params(fused), training=training)
+    yr = dense_block_reference(xr, _params(ref), training=training)
+    assert yf.shape == (3, 5 + 3 * 3, 6, 7)
+    assert yf.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert max_abs_err(yf, yr) <= TOL[dtype]
+    grad = _input(yf.shape, dtype, channels_last, seed=2)
+    yf.backward(grad)
+    yr.backward(grad)
+    assert max_abs_err(xf.grad, xr.grad) <= TOL[dtype] * max(1.0, float(xr.grad.abs().max()))
+    _compare_modules(fused, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dense_block_gradcheck(training):
+    """float64 gradcheck of the hand-written backward, statistics path included."""
+    block = _block(c0=3, k=2, bn_size=2, num_layers=3)
+    layers = _params(block)
+    if training:  # running buffers would be updated by every gradcheck evaluation
+        layers = [
+            DenseLayerParams(
+                BatchNormParams(p.norm1.weight, p.norm1.bias),
+                p.conv1_weight,
+                BatchNormParams(p.norm2.weight, p.norm2.bias),
+                p.conv2_weight,
+            )
+            for p in layers
+        ]
+    params = [t for p in layers for t in (p.norm1.weight, p.norm1.bias, p.conv1_weight, p.norm2.weight, p.conv2_weight)]
+    x = _input((2, 3, 3, 4), torch.float64, False).requires_grad_()
+
+    def fn(x, *_params):
+        return dense_block(x, layers, training=training)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_running_statistics_updated_once_as_batchnorm():
+    """norm1 of layer i sees the prefix: its running stats are the concatenated chunk stats."""
+    fused = _block(momentum=0.1)
+    ref = copy.deepcopy(fused)
+    for step in range(2):
+        x = _input((4, 5, 5, 5), torch.float64, False, seed=10 + step).requires_grad_()
+        y = dense_block(x, _params(fused), training=True)
+        y_ref = dense_block_reference(x.detach(), _params(ref), training=True)
+        snapshot = copy.deepcopy(fused.state_dict())
+        y.sum().backward()  # the recomputation in backward must not touch the buffers
+        for key, value in fused.state_dict().items():
+            assert torch.equal(value, snapshot[key]), key
+        assert max_abs_err(y, y_ref) <= 1e-10
+    for m in fused.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert int(m.num_batches_tracked) == 2
+    _compare_modules(fused, ref, 1e-12, grads=False)
+
+
+def test_running_statistics_cumulative_average():
+    fused = _block(momentum=None)
+    ref = copy.deepcopy(fused)
+    for step in range(3):
+        x = _input((2, 5, 4, 4), torch.float64, False, seed=20 + step)
+        dense_block(x, _params(fused), training=True)
+        dense_block_reference(x, _params(ref), training=True)
+    _compare_modules(fused, ref, 1e-12, grads=False)
+
+
+def test_dropout_draws_the_eager_masks():
+    """Same seed -> the same masks as eager F.dropout; backward replays them from the saved RNG state."""
+    fused = _block(drop_rate=0.5)
+    ref = copy.deepcopy(fused)
+    x = _input((3, 5, 6, 6), torch.float64, False)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(123)
+    yf = dense_block(xf, _params(fused), training=True, drop_rate=0.5)
+    state_after_fused = torch.get_rng_state()
+    torch.manual_seed(123)
+    yr = dense_block_reference(xr, _params(ref), training=True, drop_rate=0.5)
+    assert torch.equal(state_after_fused, torch.get_rng_state())  # same draws, same count
+    assert max_abs_err(yf, yr) <= 1e-10
+    assert (yf[:, 5:] == 0).any()  # dropout did drop something
+    grad = _input(yf.shape, torch.float64, False, seed=2)
+    torch.manual_seed(999)  # something else happens between forward and backward
+    before = torch.get_rng_state()
+    yf.backward(grad)
+    assert torch.equal(before, torch.get_rng_state())  # backward leaves the generator alone
+    yr.backward(grad)
+    assert max_abs_err(xf.grad, xr.grad) <= 1e-10
+    _compare_modules(fused, ref, 1e-10)
+
+
+def test_saves_only_the_buffer_and_vectors():
+    block = _block(c0=16, k=8, bn_size=4, num_layers=4, dtype=torch.float32)
+    x = _input((4, 16, 16, 16), torch.float32, False).requires_grad_()
+    param_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_storages:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = dense_block(x, _params(block), training=True)
+    vectors = 4 * (2 * (16 + 3 * 8) + 2 * 4 * 32)  # chunk stats + bottleneck stats, fp32
+    assert sum(saved.values()) == y.numel() * y.element_size() + vectors
+    with torch.no_grad():
+        block.eval()
+        assert dense_block(x, _params(block), training=False).grad_fn is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", ["transition", "stem"])
+def test_transition_and_stem_match_reference(op, channels_last, training):
+    torch.manual_seed(0)
+    if op == "transition":
+        bn, conv = nn.BatchNorm2d(6).double(), nn.Conv2d(6, 3, 1, bias=False).double()
+        x = _input((2, 6, 7, 6), torch.float64, channels_last)
+        fused_fn, ref_fn = dense_transition, dense_transition_reference
+    else:
+        bn, conv = nn.BatchNorm2d(4).double(), nn.Conv2d(3, 4, 7, 2, 3, bias=False).double()
+        x = _input((2, 3, 15, 12), torch.float64, channels_last)
+        fused_fn, ref_fn = stem_conv_bn_relu_pool, stem_reference
+    _randomize_bn(bn, 3)
+    bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if op == "transition":
+        yf = fused_fn(xf, BatchNormParams.from_module(bn), conv.weight, training=training)
+        yr = ref_fn(xr, BatchNormParams.from_module(bn_ref), conv_ref.weight, training=training)
+    else:
+        yf = fused_fn(xf, conv.weight, BatchNormParams.from_module(bn), training=training)
+        yr = ref_fn(xr, conv_ref.weight, BatchNormParams.from_module(bn_ref), training=training)
+    assert yf.shape == yr.shape
+    assert max_abs_err(yf, yr) <= 1e-10
+    grad = _input(yf.shape, torch.float64, channels_last, seed=5)
+    yf.backward(grad)
+    yr.backward(grad)
+    assert max_abs_err(xf.grad, xr.grad) <= 1e-10
+    for a, b in ((bn, bn_ref), (conv, conv_ref)):
+        _compare_modules(a, b, 1e-10)
+
+
+def test_triton_backend_in_interpreter():
+    skip_unless_available("dense_block", "triton", "cpu")
+    fused = _block(c0=4, k=2, bn_size=2, num_layers=2, dtype=torch.float32)
+    ref = copy.deepcopy(fused)
+    x = _input((2, 4, 5, 5), torch.float32, True)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fastblocks.use_backend("triton"):
+        yf = dense_block(xf, _params(fused), training=True)
+        yf.backward(torch.ones_like(yf))
+    yr = dense_block_reference(xr, _params(ref), training=True)
+    yr.backward(torch.ones_like(yr))
+    assert max_abs_err(yf, yr) <= 1e-4
+    assert max_abs_err(xf.grad, xr.grad) <= 1e-3
+    _compare_modules(fused, ref, 1e-3)
+
+
+def test_autocast_computes_in_one_dtype():
+    block = _block(dtype=torch.float32)
+    x = _input((2, 5, 6, 6), torch.float32, False).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dense_block(x, _params(block), training=True)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    for p in block.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32
+
+
+def test_bad_arguments_raise_clear_errors():
+    block = _block()
+    layers = _params(block)
+    with pytest.raises(ValueError, match="norm1 has 5 channels but its input has 4"):
+        dense_block(torch.randn(2, 4, 5, 5, dtype=torch.float64), layers, training=True)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        dense_block(torch.randn(5, 5, 5, dtype=torch.float64), layers, training=True)
+    with pytest.raises(TypeError, match="conv1_weight has dtype"):
+        dense_block(torch.randn(2, 5, 5, 5), layers, training=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        dense_block(torch.randn(1, 5, 1, 1, dtype=torch.float64), layers, training=True)
+    no_stats = [DenseLayerParams(BatchNormParams(None, None), p.conv1_weight, p.norm2, p.conv2_weight) for p in layers]
+    with pytest.raises(ValueError, match="eval mode needs them"):
+        dense_block(torch.randn(2, 5, 5, 5, dtype=torch.float64), no_stats, training=False)
+    with pytest.raises(ValueError, match="too small for the 2x2 average pool"):
+        bn, conv = nn.BatchNorm2d(5).double(), nn.Conv2d(5, 2, 1, bias=False).double()
+        dense_transition(
+            torch.randn(2, 5, 1, 1, dtype=torch.float64), BatchNormParams.from_module(bn), conv.weight, training=True
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dense_block_low_precision_training(dtype):
+    """fp16/bf16 storage: at most twice eager's error (same dtype) against a float64 reference."""
+    ref = _block(c0=6, k=4, bn_size=2, num_layers=3)
+    eager, fused = copy.deepcopy(ref).to(dtype), copy.deepcopy(ref).to(dtype)
+    x = _input((4, 6, 8, 8), torch.float64, False)
+    xs = [x.to(t).detach().requires_grad_() for t in (torch.float64, dtype, dtype)]
+    outs = [
+        dense_block_reference(xs[0], _params(ref), training=True),
+        dense_block_reference(xs[1], _params(eager), training=True),
+        dense_block(xs[2], _params(fused), training=True),
+    ]
+    grad = _input(outs[0].shape, torch.float64, False, seed=2)
+    for out in outs:
+        out.backward(grad.to(out.dtype))
+    slack = 1e-3 if dtype == torch.float16 else 2e-2  # relative to each tensor's largest value
+    assert_close_to_reference(outs[2], outs[1], outs[0], atol=slack * float(outs[0].detach().abs().max()))
+    assert_close_to_reference(xs[2].grad, xs[1].grad, xs[0].grad, atol=slack * float(xs[0].grad.abs().max()))
+    for (name, p_ref), p_eager, p_fused in zip(ref.named_parameters(), eager.parameters(), fused.parameters()):
+        atol = slack * float(p_ref.grad.abs().max())
+        assert_close_to_reference(p_fused.grad, p_eager.grad, p_ref.grad, atol=atol, name=f"grad of {name}")
