@@ -120,6 +120,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        # scikit-learn's bundled digits: `fastblocks train/experiment --data digits` and tests/train.
+        "experiment": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["fastblocks = fastblocks.cli:main"]},
     zip_safe=False,

@@ -14,6 +14,24 @@ TORCH_LIBRARY(fastblocks, m) {
   m.def("add_relu_fwd(Tensor x, Tensor residual, bool channels_last) -> (Tensor, Tensor)");
   // grad_in = grad_out where the mask bit is set, else 0.
   m.def("add_relu_bwd(Tensor grad_out, Tensor mask, bool channels_last) -> Tensor");
+
+  // BatchNorm family (fastblocks/ops/batchnorm.py). x-sized tensors are [N, C, ...] (channels_last:
+  // 4-D, read and written in NHWC order); per-channel tensors are 1-D [C] float32 (float64 for
+  // double x); arithmetic in fp32 (fp64), x-sized outputs in x's dtype and the chosen layout.
+  // Per-channel (mean, biased var) over N*H*W; raises on an empty batch.
+  m.def("bn_stats_fwd(Tensor x, bool channels_last) -> (Tensor mean, Tensor var)");
+  // y = act(x*scale + shift [+ residual]); with a residual, round(round(x*scale + shift) + residual)
+  // as eager rounds bn(x) + residual; act = ReLU (NaN passes) when relu.
+  m.def("bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu, bool channels_last) -> Tensor");
+  // Per-channel (Σ g', Σ g' (x - mean)), g' = grad_y where the forward's ReLU passed (bn_apply's y
+  // recomputed, bit = !(y <= 0) as in threshold_backward), else 0; g' = grad_y when !relu.
+  m.def(
+      "bn_bwd_reduce(Tensor grad_y, Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, "
+      "bool relu, bool channels_last) -> (Tensor sum_g, Tensor sum_gx)");
+  // dx = a*g' + b*x + c per channel (g' as in bn_bwd_reduce): the training and eval BN backward.
+  m.def(
+      "bn_bwd_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, Tensor a, Tensor b, "
+      "Tensor c, bool relu, bool channels_last) -> Tensor dx");
 }
 
 namespace {

@@ -18,6 +18,8 @@ from fastblocks._backend import (
     set_backend,
     use_backend,
 )
+from fastblocks.models.convert import convert, export_torch
+from fastblocks.nn.fold import fold_bn
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,9 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "__version__",
+    "convert",
+    "export_torch",
+    "fold_bn",
     "get_backend",
     "nn",
     "ops",

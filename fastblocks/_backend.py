@@ -183,12 +183,16 @@ def resolve(op: str, device: torch.device | str) -> str:
 
 def _resolve_uncached(op: str, device_type: str) -> str:
     forced = get_backend()
+    spec = _OPS[op]
+    if forced in ("cpu", "cuda") and not spec.compiled and device_type == forced:
+        # Forcing the compiled backend means "the compiled kernels where they exist": an op
+        # that has none (its work is PyTorch's own convolution) runs its reference path.
+        return "reference"
     if forced is not None:
         reason = unavailable_reason(op, forced, device_type)
         if reason is not None:
             raise BackendUnavailableError(f"fastblocks backend {forced!r} cannot run {op} on {device_type}: {reason}")
         return forced
-    spec = _OPS[op]
     order = spec.cuda_order if device_type == "cuda" else spec.cpu_order
     for backend in order:
         if unavailable_reason(op, backend, device_type) is None:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from fastblocks import _backend
+from fastblocks import _backend, _ext
 
 HAS_CUDA = torch.cuda.is_available()
 REQUIRED = {b.strip() for b in os.environ.get("FASTBLOCKS_REQUIRE_BACKENDS", "").split(",") if b.strip()}
@@ -28,6 +28,21 @@ def skip_unless_available(op: str, backend: str, device: str) -> None:
     if backend in REQUIRED and device == "cpu":
         pytest.fail(f"backend {backend} is required (FASTBLOCKS_REQUIRE_BACKENDS) but unavailable: {reason}")
     pytest.skip(f"{backend} on {device}: {reason}")
+
+
+def require_compiled_kernels(*schemas: str, dispatch_key: str = "CPU") -> None:
+    """At module level: skip the module unless ``fastblocks._C`` has a ``dispatch_key`` kernel for every
+    schema, or fail when CI requires that backend (``FASTBLOCKS_REQUIRE_BACKENDS``)."""
+    missing = [s for s in schemas if not _ext.has_kernel(s, dispatch_key)]
+    if not missing:
+        return
+    why = f"fastblocks._C has no {dispatch_key} kernel for {', '.join(missing)}"
+    if not _ext.loaded():
+        why += f" (the extension did not load: {_ext.load_error()})"
+    backend = dispatch_key.lower()
+    if backend in REQUIRED:
+        pytest.fail(f"backend {backend} is required (FASTBLOCKS_REQUIRE_BACKENDS) but {why}", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
 
 
 def skip_bf16_in_interpreter(backend: str, dtype: torch.dtype, device: str) -> None:

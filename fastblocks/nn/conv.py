@@ -17,6 +17,8 @@ from fastblocks.ops.bn_relu_conv import bn_relu_conv2d
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a convolution runs in here: autocast's when it is on, else x's."""
     device = x.device.type
+    if device not in ("cpu", "cuda"):  # autocast state is undefined for meta tensors
+        return x.dtype
     if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device)
     return x.dtype
@@ -59,7 +61,8 @@ def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.
                 bn.momentum, bn.num_batches_tracked,
             )  # fmt: skip
     else:
-        mean, var = bn.running_mean.float(), bn.running_var.float()
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean, var = bn.running_mean.to(cd), bn.running_var.to(cd)
     invstd = torch.rsqrt(var + bn.eps)
     scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
     shift = -mean * scale if bn.bias is None else bn.bias.to(invstd.dtype) - mean * scale

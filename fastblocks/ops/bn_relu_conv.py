@@ -71,9 +71,9 @@ SPEC = _backend.register_op(
     _backend.OpSpec(
         name="bn_relu_conv2d",
         triton=True,
-        compiled=(),
-        cuda_order=("triton", "reference"),
-        cpu_order=("reference",),
+        compiled=("bn_apply", "bn_bwd_reduce", "bn_bwd_apply"),
+        cuda_order=("triton", "cuda", "reference"),
+        cpu_order=("cpu", "reference"),
     )
 )
 
@@ -218,6 +218,60 @@ def _prologue_bwd_reference(
     del z
     dx = _layout((grad_z * _per_channel(scale.to(cd))).to(x.dtype), is_channels_last(x))
     return dx, _reduce(grad_z * x.to(cd)).to(scale.dtype), _reduce(grad_z).to(shift.dtype)
+
+
+# ----------------------------------------------------------------------------- compiled path
+# The ``cpu``/``cuda`` backends: the same recomputation scheme as the reference path, with the
+# BatchNorm family's compiled kernels for the prologue (one pass to materialize the activation,
+# one reduction + one elementwise pass for its backward) and PyTorch's convolution (oneDNN on
+# the CPU, cuDNN on GPUs) for the GEMMs.
+def _compiled_kernels():
+    from fastblocks.ops.batchnorm import _COMPILED_KERNELS
+
+    return _COMPILED_KERNELS
+
+
+def _fwd_compiled(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: _Conv, stats: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = _compiled_kernels().apply(x, scale, shift, None, True, is_channels_last(x))
+    y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    del a
+    y = _layout(y, is_channels_last(x))
+    cd = _compute_dtype(x.dtype)
+    if not stats:
+        return y, _empty0(y, cd), _empty0(y, cd)
+    y_cd = y.to(cd)
+    return y, _reduce(y_cd), _reduce(y_cd * y_cd)
+
+
+def _bwd_compiled(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    conv: _Conv,
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _compiled_kernels()
+    cl = is_channels_last(x)
+    a = k.apply(x, scale, shift, None, True, cl)
+    grad_a, dweight, _ = torch.ops.aten.convolution_backward(
+        grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        [need_input, need_weight, False],
+    )  # fmt: skip
+    del a
+    dweight = _layout(dweight, False) if need_weight else _empty0(weight)
+    if not need_input:
+        return _empty0(x), _empty0(scale), _empty0(shift), dweight
+    cd = _compute_dtype(x.dtype)
+    zero = torch.zeros(x.shape[1], dtype=cd, device=x.device)
+    # g_z = g_a masked by the ReLU; dscale = Σ g_z x (bwd_reduce with mean 0), dshift = Σ g_z.
+    sum_g, sum_gx = k.bwd_reduce(grad_a, x, zero, scale, shift, None, True, cl)
+    dx = k.bwd_apply(grad_a, x, scale, shift, None, scale.to(cd), zero, zero, True, cl)
+    return _layout(dx, cl), sum_gx.to(scale.dtype), sum_g.to(shift.dtype), dweight
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -569,8 +623,8 @@ def _bwd_triton(
     return dx, dscale, dshift, dweight
 
 
-_FWD = {"reference": _fwd_reference, "triton": _fwd_triton}
-_BWD = {"reference": _bwd_reference, "triton": _bwd_triton}
+_FWD = {"reference": _fwd_reference, "triton": _fwd_triton, "cpu": _fwd_compiled, "cuda": _fwd_compiled}
+_BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cpu": _bwd_compiled, "cuda": _bwd_compiled}
 
 
 # ----------------------------------------------------------------------------- registration

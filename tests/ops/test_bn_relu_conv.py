@@ -23,7 +23,7 @@ from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
 from tests.helpers import skip_bf16_in_interpreter, skip_unless_available
 
 OP = "bn_relu_conv2d"
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 # (N, C_in, C_out, H, W, kernel, stride, padding): small enough for the Triton interpreter.
 SMALL = [

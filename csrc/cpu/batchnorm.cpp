@@ -1,0 +1,834 @@
+// CPU kernels of the BatchNorm family: fastblocks::bn_stats_fwd, bn_apply, bn_bwd_reduce and
+// bn_bwd_apply (schemas in csrc/ops.cpp; the math and the autograd in fastblocks/ops/batchnorm.py).
+//
+// Layout. A dense x-sized tensor is walked as one of two shapes:
+//   planes [N*C][HW]  NCHW contiguous with HW > 1: one channel per plane, vectors run along HW;
+//   rows   [M][C]     channels_last (M = N*H*W), or HW == 1 where NCHW is [N, C] rows: vectors
+//                     run across channels and the per-channel vectors are loaded with them.
+// Reductions split the work in tasks, write one partial per (task, channel) into [P][C] and
+// combine the P partials of each channel afterwards (in double), so both cores work whatever N, C
+// and HW are (ResNet's 8x64x56x56 and 8x2048x7x7 alike). Planes mode: a task is a few thousand
+// elements of one channel. Rows mode: a task is a run of whole rows, streamed in memory order
+// with per-channel accumulators in small arrays (walking a column block of rows instead, stride C,
+// measured 3-5x slower). P depends on the shape only, not the thread count: results are the same
+// with any number of threads.
+//
+// Statistics are two-level: each tile/block takes its own mean, then the sum of squared
+// deviations from it in a second pass over the (cached) data, with the corrected two-pass term
+// (Chan, Golub & LeVeque 1983) -(Σd)²/n; pieces are combined with Chan's parallel formula. Sums of
+// squares around a large mean (x = 1000 + N(0,1): mean² / var = 1e6) never cancel.
+//
+// Arithmetic is fp32 (fp64 for double x). The forward value rounds like eager:
+// t = round(x*scale + shift), y = round(t + residual); the ReLU mask of the backward is
+// !(y <= 0) on that rounded y (threshold_backward's rule: NaN passes its gradient).
+// x*scale + shift is one explicit fused multiply-add (the CUDA kernels use fma too): left to
+// itself GCC contracts some multiply-adds and not others, and the backward's ReLU mask must be
+// rebuilt from bit-identical values. It differs from eager's two roundings by <= 1 ulp of fp32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace fastblocks {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrain = 16384;      // elements per parallel task, at least: amortizes the fork
+constexpr int64_t kPlaneTile = 2048;   // elements per planes-mode reduction tile (8 KB in fp32)
+constexpr int64_t kRowRun = 65536;     // elements per rows-mode reduction task (a run of whole rows)
+constexpr int64_t kRunRows = 32;       // rows per run, at least: the per-run work over C is amortized
+constexpr int64_t kMaxRuns = 256;      // rows-mode runs at most (partials per channel)
+constexpr int64_t kRowBlock = 65536;   // rows-mode stats: elements per two-pass block (L2-resident)
+constexpr int64_t kSumRows = 64;       // rows-mode sums: rows per fp32 block sum, then added in double
+
+// ----------------------------------------------------------------------------- vector I/O
+// One "step" is kStep consecutive elements held as kVecs vectors of the accumulation type.
+// Loads and stores of n < kStep elements zero-fill / write only the first n lanes.
+template <typename T>
+struct PlainIo {  // float, double: computed in their own type
+  using scalar_t = T;
+  using acc_t = T;
+  using AVec = Vectorized<T>;
+  static constexpr int kVecs = 1;
+  static constexpr int kStep = AVec::size();
+  static void load(const T* p, AVec* v, int n) { v[0] = n == kStep ? AVec::loadu(p) : AVec::loadu(p, n); }
+  static void store(T* p, const AVec* v, int n) {
+    if (n == kStep) {
+      v[0].store(p);
+    } else {
+      v[0].store(p, n);
+    }
+  }
+  static void round(AVec*) {}  // storage type == compute type
+};
+
+template <typename T>
+struct ReducedIo {  // Half, BFloat16: computed in fp32, two float vectors per step
+  using scalar_t = T;
+  using acc_t = float;
+  using AVec = Vectorized<float>;
+  using SVec = Vectorized<T>;
+  static constexpr int kVecs = 2;
+  static constexpr int kStep = SVec::size();
+  static_assert(kStep == 2 * AVec::size());
+  static void load(const T* p, AVec* v, int n) {
+    const SVec s = n == kStep ? SVec::loadu(p) : SVec::loadu(p, static_cast<int16_t>(n));
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(s);
+  }
+  static void store(T* p, const AVec* v, int n) {
+    const SVec s = at::vec::convert_from_float<T>(v[0], v[1]);
+    if (n == kStep) {
+      s.store(p);
+    } else {
+      s.store(p, n);
+    }
+  }
+  // Round to the storage type and back: the value eager would have stored.
+  static void round(AVec* v) {
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+  }
+};
+
+template <typename T>
+struct IoOf {
+  using type = PlainIo<T>;
+};
+template <>
+struct IoOf<at::Half> {
+  using type = ReducedIo<at::Half>;
+};
+template <>
+struct IoOf<at::BFloat16> {
+  using type = ReducedIo<at::BFloat16>;
+};
+
+// The first n lanes of a per-channel fp32/fp64 vector, zero beyond.
+template <typename Io>
+inline void load_channels(const typename Io::acc_t* p, int n, typename Io::AVec* v) {
+  using AVec = typename Io::AVec;
+  if (n == Io::kStep) {
+    for (int j = 0; j < Io::kVecs; ++j) v[j] = AVec::loadu(p + j * AVec::size());
+    return;
+  }
+  for (int j = 0; j < Io::kVecs; ++j) {
+    const int m = n - j * AVec::size();
+    v[j] = m >= AVec::size() ? AVec::loadu(p + j * AVec::size())
+           : m > 0           ? AVec::loadu(p + j * AVec::size(), m)
+                             : AVec(typename Io::acc_t(0));
+  }
+}
+
+// Store the first n lanes of a step into a per-channel array.
+template <typename Io>
+inline void store_channels(typename Io::acc_t* p, int n, const typename Io::AVec* v) {
+  using AVec = typename Io::AVec;
+  if (n == Io::kStep) {
+    for (int j = 0; j < Io::kVecs; ++j) v[j].store(p + j * AVec::size());
+    return;
+  }
+  for (int j = 0; j < Io::kVecs; ++j) {
+    const int m = std::min<int>(n - j * AVec::size(), AVec::size());
+    if (m > 0) v[j].store(p + j * AVec::size(), m);
+  }
+}
+
+template <typename Io>
+inline typename Io::acc_t hsum(const typename Io::AVec* v) {
+  using AVec = typename Io::AVec;
+  __at_align__ typename Io::acc_t tmp[AVec::size()];
+  typename Io::acc_t s = 0;
+  for (int j = 0; j < Io::kVecs; ++j) {
+    v[j].store(tmp);
+    for (int l = 0; l < AVec::size(); ++l) s += tmp[l];
+  }
+  return s;
+}
+
+// Lanes [n, kStep) of a step set to zero.
+template <typename Io>
+inline void zero_tail(typename Io::AVec* v, int n) {
+  using AVec = typename Io::AVec;
+  using acc_t = typename Io::acc_t;
+  for (int j = 0; j < Io::kVecs; ++j) {
+    const AVec lane = AVec::arange(acc_t(j * AVec::size()), acc_t(1));
+    v[j] = AVec::blendv(AVec(acc_t(0)), v[j], lane < AVec(acc_t(n)));
+  }
+}
+
+// y = fma(x, s, b), and with a residual round(fma(x, s, b)) + r (rounded last by the caller or the store).
+template <typename Io, bool kRes>
+inline void forward_value(const typename Io::AVec* x, const typename Io::AVec* s, const typename Io::AVec* b,
+                          const typename Io::scalar_t* r, int64_t off, int n, typename Io::AVec* y) {
+  for (int j = 0; j < Io::kVecs; ++j) y[j] = at::vec::fmadd(x[j], s[j], b[j]);
+  if constexpr (kRes) {
+    typename Io::AVec rv[Io::kVecs];
+    Io::load(r + off, rv, n);
+    Io::round(y);
+    for (int j = 0; j < Io::kVecs; ++j) y[j] = y[j] + rv[j];
+  }
+}
+
+// g' = grad_y where the forward's ReLU passed (!(y <= 0) on the stored y), else 0.
+template <typename Io, bool kRelu, bool kRes>
+inline void masked_grad(const typename Io::scalar_t* g, const typename Io::AVec* x, const typename Io::AVec* s,
+                        const typename Io::AVec* b, const typename Io::scalar_t* r, int64_t off, int n,
+                        typename Io::AVec* gv) {
+  using AVec = typename Io::AVec;
+  Io::load(g + off, gv, n);
+  if constexpr (kRelu) {
+    AVec y[Io::kVecs];
+    forward_value<Io, kRes>(x, s, b, r, off, n, y);
+    Io::round(y);
+    const AVec zero(typename Io::acc_t(0));
+    for (int j = 0; j < Io::kVecs; ++j) gv[j] = AVec::blendv(gv[j], zero, y[j] <= zero);
+  }
+}
+
+// ----------------------------------------------------------------------------- geometry
+struct Geometry {
+  int64_t N, C, HW;
+  bool rows;  // walk as rows [N*HW][C] (see the header comment), else planes [N*C][HW]
+  int64_t M() const { return N * HW; }
+};
+
+Geometry geometry_of(const at::Tensor& x, bool channels_last) {
+  int64_t hw = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
+  return {x.size(0), x.size(1), hw, channels_last || hw == 1};
+}
+
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Calls f(c, n) for the steps of one row of C channels: n == kStep but for the last.
+template <typename Io, typename F>
+inline void for_each_channel_step(int64_t C, const F& f) {
+  int64_t c = 0;
+  for (; c + Io::kStep <= C; c += Io::kStep) f(c, Io::kStep);
+  if (c < C) f(c, static_cast<int>(C - c));
+}
+
+// ----------------------------------------------------------------------------- elementwise driver
+// Calls op(offset, n, p) on every step of a dense x-sized tensor: n <= kStep consecutive
+// elements (one channel in planes mode, consecutive channels in rows mode) and p[k] the
+// per-channel vectors params[k] for those lanes.
+template <typename Io, size_t kP, typename Op>
+void for_each_step(const Geometry& g, const std::array<const typename Io::acc_t*, kP>& params, const Op& op) {
+  using AVec = typename Io::AVec;
+  constexpr int S = Io::kStep;
+  if (!g.rows) {
+    at::parallel_for(0, g.N * g.C * g.HW, kGrain, [&](int64_t begin, int64_t end) {
+      // Local copies: vector stores may alias anything the compiler cannot see is private, and it
+      // would reload every captured pointer after each one.
+      const Op fn = op;
+      const std::array<const typename Io::acc_t*, kP> prm = params;
+      AVec p[kP][Io::kVecs];
+      int64_t i = begin;
+      int64_t plane = begin / g.HW;  // divisions once per task: planes can be 7x7
+      int64_t c = plane % g.C;
+      while (i < end) {
+        const int64_t stop = std::min(end, (plane + 1) * g.HW);
+        for (size_t k = 0; k < kP; ++k) {
+          for (int j = 0; j < Io::kVecs; ++j) p[k][j] = AVec(prm[k][c]);
+        }
+        for (; i + S <= stop; i += S) fn(i, S, p);
+        if (i < stop) {
+          fn(i, static_cast<int>(stop - i), p);
+          i = stop;
+        }
+        ++plane;
+        if (++c == g.C) c = 0;
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.C));
+    at::parallel_for(0, g.M(), grain, [&](int64_t r0, int64_t r1) {
+      const Op fn = op;
+      const std::array<const typename Io::acc_t*, kP> prm = params;
+      const int64_t C = g.C;
+      AVec p[kP][Io::kVecs];
+      for (int64_t r = r0; r < r1; ++r) {
+        // Full steps with a constant width (the compiler folds the partial-vector paths away).
+        for_each_channel_step<Io>(C, [&](int64_t c, int n) {
+          for (size_t k = 0; k < kP; ++k) load_channels<Io>(prm[k] + c, n, p[k]);
+          fn(r * C + c, n, p);
+        });
+      }
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------- reduction tiling
+// Planes mode: a tile is channel c, a group of G planes (images n in [n0, n0 + G)) and a chunk of
+// each plane's HW; G > 1 when planes are small (7x7) so tiles stay a few thousand elements.
+// Rows mode: a tile is a run of whole rows [M q / P, M (q + 1) / P). Partials are [P][C].
+struct Tiling {
+  Geometry g;
+  int64_t G = 1, groups = 1, kp = 1, L = 1;  // planes mode
+  int64_t runs = 1;                          // rows mode
+
+  int64_t parts() const { return g.rows ? runs : groups * kp; }
+  int64_t tiles() const { return g.rows ? runs : groups * g.C * kp; }
+  int64_t grain() const { return g.rows ? 1 : std::max<int64_t>(1, kGrain / (G * L)); }
+  int64_t run_begin(int64_t q) const { return g.M() * q / runs; }
+  // Elements behind partial q of any channel.
+  int64_t count(int64_t q) const {
+    if (g.rows) return run_begin(q + 1) - run_begin(q);
+    const int64_t gi = q / kp, k = q % kp;
+    return std::min(G, g.N - gi * G) * std::min(L, g.HW - k * L);
+  }
+};
+
+Tiling tiling_of(const Geometry& g) {
+  Tiling t;
+  t.g = g;
+  if (g.rows) {
+    const int64_t by_size = (g.M() * g.C + kRowRun - 1) / kRowRun;
+    t.runs = std::clamp<int64_t>(std::min(by_size, (g.M() + kRunRows - 1) / kRunRows), 1, kMaxRuns);
+  } else {
+    t.kp = std::max<int64_t>(1, (g.HW + kPlaneTile - 1) / kPlaneTile);
+    t.L = (g.HW + t.kp - 1) / t.kp;
+    t.G = std::max<int64_t>(1, kPlaneTile / std::max<int64_t>(1, g.HW));
+    t.groups = std::max<int64_t>(1, (g.N + t.G - 1) / t.G);
+  }
+  return t;
+}
+
+// Planes-mode tile index -> (c, group, chunk), ordered so consecutive tiles are adjacent planes.
+struct PlaneTile {
+  int64_t c, gi, k;
+};
+inline PlaneTile plane_tile(const Tiling& t, int64_t tile) {
+  const int64_t k = tile % t.kp;
+  const int64_t rest = tile / t.kp;
+  return {rest % t.g.C, rest / t.g.C, k};
+}
+
+// ----------------------------------------------------------------------------- bn_stats_fwd
+template <typename Io>
+struct MeanM2 {
+  typename Io::acc_t mean, m2;
+};
+
+// Two-pass (count, mean, M2) over `planes` runs of `len` elements at p, p + stride, ...
+template <typename Io>
+MeanM2<Io> runs_mean_m2(const typename Io::scalar_t* p, int64_t stride, int64_t planes, int64_t len) {
+  using AVec = typename Io::AVec;
+  using acc_t = typename Io::acc_t;
+  constexpr int S = Io::kStep, V = Io::kVecs;
+  const AVec zero(acc_t(0));
+  AVec s0[V], s1[V], v[V], w[V];
+  for (int j = 0; j < V; ++j) s0[j] = s1[j] = zero;
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const auto* q = p + pl * stride;
+    int64_t i = 0;
+    for (; i + 2 * S <= len; i += 2 * S) {  // two chains: the adds' latency, not their rate, bounds one
+      Io::load(q + i, v, S);
+      Io::load(q + i + S, w, S);
+      for (int j = 0; j < V; ++j) {
+        s0[j] = s0[j] + v[j];
+        s1[j] = s1[j] + w[j];
+      }
+    }
+    for (; i < len; i += S) {
+      Io::load(q + i, v, static_cast<int>(std::min<int64_t>(S, len - i)));  // zero-filled tail
+      for (int j = 0; j < V; ++j) s0[j] = s0[j] + v[j];
+    }
+  }
+  for (int j = 0; j < V; ++j) s0[j] = s0[j] + s1[j];
+  const acc_t n = static_cast<acc_t>(planes * len);
+  const acc_t mu = hsum<Io>(s0) / n;
+  const AVec muv(mu);
+  AVec q0[V], q1[V], d0[V], d1[V];
+  for (int j = 0; j < V; ++j) q0[j] = q1[j] = d0[j] = d1[j] = zero;
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const auto* q = p + pl * stride;
+    int64_t i = 0;
+    for (; i + 2 * S <= len; i += 2 * S) {
+      Io::load(q + i, v, S);
+      Io::load(q + i + S, w, S);
+      for (int j = 0; j < V; ++j) {
+        const AVec a = v[j] - muv, b = w[j] - muv;
+        q0[j] = q0[j] + a * a;
+        q1[j] = q1[j] + b * b;
+        d0[j] = d0[j] + a;
+        d1[j] = d1[j] + b;
+      }
+    }
+    for (; i < len; i += S) {
+      const int m = static_cast<int>(std::min<int64_t>(S, len - i));
+      Io::load(q + i, v, m);
+      for (int j = 0; j < V; ++j) v[j] = v[j] - muv;
+      if (m < S) zero_tail<Io>(v, m);
+      for (int j = 0; j < V; ++j) {
+        q0[j] = q0[j] + v[j] * v[j];
+        d0[j] = d0[j] + v[j];
+      }
+    }
+  }
+  for (int j = 0; j < V; ++j) {
+    q0[j] = q0[j] + q1[j];
+    d0[j] = d0[j] + d1[j];
+  }
+  const acc_t sd = hsum<Io>(d0);
+  return {mu + sd / n, std::max(acc_t(0), hsum<Io>(q0) - sd * sd / n)};
+}
+
+// (mean, M2) per channel of rows [r0, r1) of a [M][C] tensor: blocks of B rows (B*C ~ kRowBlock
+// elements, still in L2 for the second pass), each two-pass around its own mean, folded into the
+// run's (mean, M2) with Chan's formula in double.
+template <typename Io>
+void rows_run_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* mean_out,
+                      double* m2_out) {
+  using AVec = typename Io::AVec;
+  using acc_t = typename Io::acc_t;
+  constexpr int V = Io::kVecs;
+  const int64_t B = std::clamp<int64_t>(kRowBlock / std::max<int64_t>(C, 1), 8, 256);
+  std::vector<acc_t> mu_buf(C), q_buf(C), d_buf(C);
+  acc_t* const mu = mu_buf.data();  // raw pointers, captured by value: see for_each_step
+  acc_t* const q = q_buf.data();
+  acc_t* const d = d_buf.data();
+  std::fill(mean_out, mean_out + C, 0.0);
+  std::fill(m2_out, m2_out + C, 0.0);
+  double n = 0;
+  for (int64_t b0 = r0; b0 < r1; b0 += B) {
+    const int64_t b1 = std::min(r1, b0 + B);
+    const acc_t nb = static_cast<acc_t>(b1 - b0);
+    std::fill(mu, mu + C, acc_t(0));
+    std::fill(q, q + C, acc_t(0));
+    std::fill(d, d + C, acc_t(0));
+    for (int64_t row = b0; row < b1; ++row) {
+      const auto* xr = x + row * C;
+      for_each_channel_step<Io>(C, [=](int64_t c, int m) {
+        AVec v[V], a[V];
+        Io::load(xr + c, v, m);
+        load_channels<Io>(mu + c, m, a);
+        for (int j = 0; j < V; ++j) a[j] = a[j] + v[j];
+        store_channels<Io>(mu + c, m, a);
+      });
+    }
+    for (int64_t c = 0; c < C; ++c) mu[c] /= nb;
+    for (int64_t row = b0; row < b1; ++row) {
+      const auto* xr = x + row * C;
+      for_each_channel_step<Io>(C, [=](int64_t c, int m) {
+        AVec v[V], u[V], qa[V], da[V];
+        Io::load(xr + c, v, m);
+        load_channels<Io>(mu + c, m, u);
+        load_channels<Io>(q + c, m, qa);
+        load_channels<Io>(d + c, m, da);
+        for (int j = 0; j < V; ++j) {
+          const AVec e = v[j] - u[j];
+          qa[j] = qa[j] + e * e;
+          da[j] = da[j] + e;
+        }
+        store_channels<Io>(q + c, m, qa);
+        store_channels<Io>(d + c, m, da);
+      });
+    }
+    const double nbd = static_cast<double>(nb), tot = n + nbd, fb = nbd / tot;
+    for (int64_t c = 0; c < C; ++c) {
+      const double dc = d[c];
+      const double mb = static_cast<double>(mu[c]) + dc / nbd;
+      const double m2b = std::max(0.0, static_cast<double>(q[c]) - dc * dc / nbd);
+      const double delta = mb - mean_out[c];
+      mean_out[c] += delta * fb;
+      m2_out[c] += m2b + delta * delta * n * fb;
+    }
+    n = tot;
+  }
+}
+
+template <typename scalar_t>
+void stats_kernel(const Geometry& g, const scalar_t* x, at::opmath_type<scalar_t>* mean_out,
+                  at::opmath_type<scalar_t>* var_out) {
+  using Io = typename IoOf<scalar_t>::type;
+  using acc_t = typename Io::acc_t;
+  const Tiling t = tiling_of(g);
+  const int64_t P = t.parts();
+  std::vector<double> pmean(P * g.C), pm2(P * g.C);
+  at::parallel_for(0, t.tiles(), t.grain(), [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      if (g.rows) {
+        rows_run_mean_m2<Io>(x, g.C, t.run_begin(tile), t.run_begin(tile + 1), pmean.data() + tile * g.C,
+                             pm2.data() + tile * g.C);
+      } else {
+        const PlaneTile pt = plane_tile(t, tile);
+        const int64_t n0 = pt.gi * t.G, start = pt.k * t.L;
+        const auto r = runs_mean_m2<Io>(x + (n0 * g.C + pt.c) * g.HW + start, g.C * g.HW, std::min(t.G, g.N - n0),
+                                        std::min(t.L, g.HW - start));
+        const int64_t q = pt.gi * t.kp + pt.k;
+        pmean[q * g.C + pt.c] = r.mean;
+        pm2[q * g.C + pt.c] = r.m2;
+      }
+    }
+  });
+  // Chan et al.: (n_a, mean_a, M2_a) + (n_b, mean_b, M2_b), with delta = mean_b - mean_a:
+  //   mean = mean_a + delta n_b / n,  M2 = M2_a + M2_b + delta² n_a n_b / n.
+  // In double (keeps the mean within 0.5 ulp of fp32). Counts are the same for every channel, so
+  // n_a and n_b / n are per part; the loop runs over contiguous channels (vectorized, streamed).
+  std::vector<double> na(P), fb(P);
+  double total = 0;
+  for (int64_t q = 0; q < P; ++q) {
+    const double nb = static_cast<double>(t.count(q));
+    na[q] = total;
+    total += nb;
+    fb[q] = nb / total;
+  }
+  at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / P), [&](int64_t c0, int64_t c1) {
+    std::vector<double> mean(pmean.begin() + c0, pmean.begin() + c1), m2(pm2.begin() + c0, pm2.begin() + c1);
+    for (int64_t q = 1; q < P; ++q) {
+      const double* pm = pmean.data() + q * g.C + c0;
+      const double* pq = pm2.data() + q * g.C + c0;
+      for (int64_t i = 0; i < c1 - c0; ++i) {
+        const double delta = pm[i] - mean[i];
+        mean[i] += delta * fb[q];
+        m2[i] += pq[i] + delta * delta * na[q] * fb[q];
+      }
+    }
+    for (int64_t i = 0; i < c1 - c0; ++i) {
+      mean_out[c0 + i] = static_cast<acc_t>(mean[i]);
+      var_out[c0 + i] = static_cast<acc_t>(m2[i] / total);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- bn_apply
+template <typename scalar_t, bool kRelu, bool kRes>
+void apply_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<scalar_t>* scale,
+                  const at::opmath_type<scalar_t>* shift, const scalar_t* r, scalar_t* y) {
+  using Io = typename IoOf<scalar_t>::type;
+  using AVec = typename Io::AVec;
+  for_each_step<Io, 2>(g, {scale, shift}, [=](int64_t off, int n, const AVec (&p)[2][Io::kVecs]) {
+    AVec xv[Io::kVecs], yv[Io::kVecs];
+    Io::load(x + off, xv, n);
+    forward_value<Io, kRes>(xv, p[0], p[1], r, off, n, yv);
+    if constexpr (kRelu) {
+      // maximum propagates NaN, as torch.relu; relu(round(v)) == round(relu(v)), so the store's
+      // rounding gives eager's value.
+      for (int j = 0; j < Io::kVecs; ++j) yv[j] = at::vec::maximum(yv[j], AVec(typename Io::acc_t(0)));
+    }
+    Io::store(y + off, yv, n);
+  });
+}
+
+// ----------------------------------------------------------------------------- bn_bwd_reduce
+template <typename Io, bool kRelu, bool kRes>
+void runs_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scalar_t* x, const typename Io::scalar_t* r,
+                   int64_t base, int64_t stride, int64_t planes, int64_t len, typename Io::acc_t mean,
+                   typename Io::acc_t scale, typename Io::acc_t shift, typename Io::acc_t* sg_out,
+                   typename Io::acc_t* sgx_out) {
+  using AVec = typename Io::AVec;
+  using acc_t = typename Io::acc_t;
+  constexpr int S = Io::kStep, V = Io::kVecs;
+  const AVec zero(acc_t(0)), mu(mean);
+  AVec sv[V], bv[V], sg[V], sgx[V], xv[V], gv[V];
+  for (int j = 0; j < V; ++j) {
+    sv[j] = AVec(scale);
+    bv[j] = AVec(shift);
+    sg[j] = sgx[j] = zero;
+  }
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const int64_t off0 = base + pl * stride;
+    for (int64_t i = 0; i < len; i += S) {
+      const int m = static_cast<int>(std::min<int64_t>(S, len - i));
+      // Lanes past m load g = 0 (so g' = 0) and add nothing to either sum.
+      Io::load(x + off0 + i, xv, m);
+      masked_grad<Io, kRelu, kRes>(gy, xv, sv, bv, r, off0 + i, m, gv);
+      for (int j = 0; j < V; ++j) {
+        sg[j] = sg[j] + gv[j];
+        sgx[j] = sgx[j] + gv[j] * (xv[j] - mu);
+      }
+    }
+  }
+  *sg_out = hsum<Io>(sg);
+  *sgx_out = hsum<Io>(sgx);
+}
+
+// Σ g' and Σ g' (x - mean) per channel over rows [r0, r1) of [M][C] tensors: fp32 (fp64) sums of
+// kSumRows rows at a time in small per-channel arrays, added into the run's sums in double.
+template <typename Io, bool kRelu, bool kRes>
+void rows_run_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scalar_t* x,
+                       const typename Io::scalar_t* r, int64_t C, int64_t r0, int64_t r1,
+                       const typename Io::acc_t* mean, const typename Io::acc_t* scale,
+                       const typename Io::acc_t* shift, double* sg_out, double* sgx_out) {
+  using AVec = typename Io::AVec;
+  using acc_t = typename Io::acc_t;
+  constexpr int V = Io::kVecs;
+  std::vector<acc_t> bg_buf(C), bgx_buf(C);
+  acc_t* const bg = bg_buf.data();  // raw pointers, captured by value: see for_each_step
+  acc_t* const bgx = bgx_buf.data();
+  std::fill(sg_out, sg_out + C, 0.0);
+  std::fill(sgx_out, sgx_out + C, 0.0);
+  for (int64_t b0 = r0; b0 < r1; b0 += kSumRows) {
+    const int64_t b1 = std::min(r1, b0 + kSumRows);
+    std::fill(bg, bg + C, acc_t(0));
+    std::fill(bgx, bgx + C, acc_t(0));
+    for (int64_t row = b0; row < b1; ++row) {
+      for_each_channel_step<Io>(C, [=](int64_t c, int m) {
+        AVec xv[V], gv[V], mu[V], sv[V], bv[V], a[V], b[V];
+        const int64_t off = row * C + c;
+        Io::load(x + off, xv, m);
+        load_channels<Io>(scale + c, m, sv);
+        load_channels<Io>(shift + c, m, bv);
+        masked_grad<Io, kRelu, kRes>(gy, xv, sv, bv, r, off, m, gv);
+        load_channels<Io>(mean + c, m, mu);
+        load_channels<Io>(bg + c, m, a);
+        load_channels<Io>(bgx + c, m, b);
+        for (int j = 0; j < V; ++j) {
+          a[j] = a[j] + gv[j];
+          b[j] = b[j] + gv[j] * (xv[j] - mu[j]);
+        }
+        store_channels<Io>(bg + c, m, a);
+        store_channels<Io>(bgx + c, m, b);
+      });
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sg_out[c] += bg[c];
+      sgx_out[c] += bgx[c];
+    }
+  }
+}
+
+template <typename scalar_t, bool kRelu, bool kRes>
+void bwd_reduce_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, const scalar_t* r,
+                       const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
+                       const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* sum_g,
+                       at::opmath_type<scalar_t>* sum_gx) {
+  using Io = typename IoOf<scalar_t>::type;
+  using acc_t = typename Io::acc_t;
+  const Tiling t = tiling_of(g);
+  const int64_t P = t.parts();
+  std::vector<double> pg(P * g.C), pgx(P * g.C);
+  at::parallel_for(0, t.tiles(), t.grain(), [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      if (g.rows) {
+        rows_run_bwd_sums<Io, kRelu, kRes>(gy, x, r, g.C, t.run_begin(tile), t.run_begin(tile + 1), mean, scale,
+                                           shift, pg.data() + tile * g.C, pgx.data() + tile * g.C);
+      } else {
+        const PlaneTile pt = plane_tile(t, tile);
+        const int64_t n0 = pt.gi * t.G, start = pt.k * t.L;
+        const int64_t q = pt.gi * t.kp + pt.k;
+        acc_t sg, sgx;
+        runs_bwd_sums<Io, kRelu, kRes>(gy, x, r, (n0 * g.C + pt.c) * g.HW + start, g.C * g.HW,
+                                       std::min(t.G, g.N - n0), std::min(t.L, g.HW - start), mean[pt.c],
+                                       scale[pt.c], shift[pt.c], &sg, &sgx);
+        pg[q * g.C + pt.c] = sg;
+        pgx[q * g.C + pt.c] = sgx;
+      }
+    }
+  });
+  at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / P), [&](int64_t c0, int64_t c1) {
+    // Parts' sums added in double, over contiguous channels.
+    std::vector<double> a(pg.begin() + c0, pg.begin() + c1), b(pgx.begin() + c0, pgx.begin() + c1);
+    for (int64_t q = 1; q < P; ++q) {
+      for (int64_t i = 0; i < c1 - c0; ++i) {
+        a[i] += pg[q * g.C + c0 + i];
+        b[i] += pgx[q * g.C + c0 + i];
+      }
+    }
+    for (int64_t i = 0; i < c1 - c0; ++i) {
+      sum_g[c0 + i] = static_cast<acc_t>(a[i]);
+      sum_gx[c0 + i] = static_cast<acc_t>(b[i]);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- bn_bwd_apply
+template <typename scalar_t, bool kRelu, bool kRes>
+void bwd_apply_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, const scalar_t* r,
+                      const at::opmath_type<scalar_t>* scale, const at::opmath_type<scalar_t>* shift,
+                      const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
+                      const at::opmath_type<scalar_t>* c, scalar_t* dx) {
+  using Io = typename IoOf<scalar_t>::type;
+  using AVec = typename Io::AVec;
+  for_each_step<Io, 5>(g, {scale, shift, a, b, c}, [=](int64_t off, int n, const AVec (&p)[5][Io::kVecs]) {
+    AVec xv[Io::kVecs], gv[Io::kVecs], out[Io::kVecs];
+    Io::load(x + off, xv, n);
+    masked_grad<Io, kRelu, kRes>(gy, xv, p[0], p[1], r, off, n, gv);
+    for (int j = 0; j < Io::kVecs; ++j) out[j] = p[2][j] * gv[j] + p[3][j] * xv[j] + p[4][j];
+    Io::store(dx + off, out, n);
+  });
+}
+
+// ----------------------------------------------------------------------------- checks and ops
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_x(const at::Tensor& x, const char* op, bool channels_last) {
+  TORCH_CHECK(x.dim() >= 2, "fastblocks::", op, ": x must be [N, C, ...] (at least 2-D), got shape ", x.sizes());
+  TORCH_CHECK(!channels_last || x.dim() == 4, "fastblocks::", op, ": channels_last needs a 4-D x, got shape ",
+              x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, "fastblocks::", op,
+              ": x must be float16, bfloat16, float32 or float64, got ", dt);
+}
+
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "fastblocks::", op, ": ", name, " has shape ", t.sizes(),
+              " but x has shape ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastblocks::", op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastblocks::", op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+// A per-channel vector: 1-D [C], float32 (float64 for double x), on x's device; made contiguous.
+at::Tensor channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), "fastblocks::", op, ": ", name,
+              " must be 1-D with one element per channel of x (", x.size(1), "), got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == acc_type_of(x), "fastblocks::", op, ": ", name, " must have dtype ",
+              acc_type_of(x), " for x of dtype ", x.scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK(v.device() == x.device(), "fastblocks::", op, ": ", name, " is on ", v.device(), " but x is on ",
+              x.device());
+  return v.contiguous();
+}
+
+// Calls f(std::bool_constant<relu>, std::bool_constant<residual>).
+template <typename F>
+void dispatch_flags(bool relu, bool res, const F& f) {
+  if (relu) {
+    if (res) {
+      f(std::true_type{}, std::true_type{});
+    } else {
+      f(std::true_type{}, std::false_type{});
+    }
+  } else {
+    if (res) {
+      f(std::false_type{}, std::true_type{});
+    } else {
+      f(std::false_type{}, std::false_type{});
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_fwd_cpu(const at::Tensor& x, bool channels_last) {
+  constexpr const char* op = "bn_stats_fwd";
+  check_x(x, op, channels_last);
+  const Geometry g = geometry_of(x, channels_last);
+  TORCH_CHECK(g.M() > 0, "fastblocks::bn_stats_fwd: empty batch: x has shape ", x.sizes(),
+              ", so there are no values per channel to take statistics of");
+  const at::Tensor xc = x.contiguous(format_of(channels_last));
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(acc_type_of(x)));
+  at::Tensor var = at::empty({g.C}, x.options().dtype(acc_type_of(x)));
+  if (g.C == 0) return {mean, var};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t>(g, xc.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                           var.mutable_data_ptr<acc_t>());
+  });
+  return {mean, var};
+}
+
+at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                        const std::optional<at::Tensor>& residual, bool relu, bool channels_last) {
+  constexpr const char* op = "bn_apply";
+  check_x(x, op, channels_last);
+  const at::Tensor sc = channel_vector(scale, "scale", x, op);
+  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_like_x(*residual, "residual", x, op);
+  const auto fmt = format_of(channels_last);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
+  at::Tensor y = at::empty_like(xc, fmt);
+  if (xc.numel() == 0) return y;
+  const Geometry g = geometry_of(xc, channels_last);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_flags(relu, has_res, [&](auto kRelu, auto kRes) {
+      apply_kernel<scalar_t, decltype(kRelu)::value, decltype(kRes)::value>(
+          g, xc.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
+          has_res ? rc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                     const at::Tensor& mean, const at::Tensor& scale,
+                                                     const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                                                     bool relu, bool channels_last) {
+  constexpr const char* op = "bn_bwd_reduce";
+  check_x(x, op, channels_last);
+  check_like_x(grad_y, "grad_y", x, op);
+  const at::Tensor mu = channel_vector(mean, "mean", x, op);
+  const at::Tensor sc = channel_vector(scale, "scale", x, op);
+  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_like_x(*residual, "residual", x, op);
+  const auto fmt = format_of(channels_last);
+  const Geometry g = geometry_of(x, channels_last);
+  at::Tensor sum_g = at::zeros({g.C}, x.options().dtype(acc_type_of(x)));
+  at::Tensor sum_gx = at::zeros({g.C}, x.options().dtype(acc_type_of(x)));
+  if (x.numel() == 0) return {sum_g, sum_gx};  // sums over no elements
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor gc = grad_y.contiguous(fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_bwd_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_flags(relu, has_res, [&](auto kRelu, auto kRes) {
+      bwd_reduce_kernel<scalar_t, decltype(kRelu)::value, decltype(kRes)::value>(
+          g, gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+          has_res ? rc.const_data_ptr<scalar_t>() : nullptr, mu.const_data_ptr<acc_t>(), sc.const_data_ptr<acc_t>(),
+          sh.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>());
+    });
+  });
+  return {sum_g, sum_gx};
+}
+
+at::Tensor bn_bwd_apply_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& c, bool relu, bool channels_last) {
+  constexpr const char* op = "bn_bwd_apply";
+  check_x(x, op, channels_last);
+  check_like_x(grad_y, "grad_y", x, op);
+  const at::Tensor sc = channel_vector(scale, "scale", x, op);
+  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const at::Tensor av = channel_vector(a, "a", x, op);
+  const at::Tensor bv = channel_vector(b, "b", x, op);
+  const at::Tensor cv = channel_vector(c, "c", x, op);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_like_x(*residual, "residual", x, op);
+  const auto fmt = format_of(channels_last);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor dx = at::empty_like(xc, fmt);
+  if (xc.numel() == 0) return dx;
+  const at::Tensor gc = grad_y.contiguous(fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const Geometry g = geometry_of(xc, channels_last);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_bwd_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_flags(relu, has_res, [&](auto kRelu, auto kRes) {
+      bwd_apply_kernel<scalar_t, decltype(kRelu)::value, decltype(kRes)::value>(
+          g, gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+          has_res ? rc.const_data_ptr<scalar_t>() : nullptr, sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
+          av.const_data_ptr<acc_t>(), bv.const_data_ptr<acc_t>(), cv.const_data_ptr<acc_t>(),
+          dx.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastblocks, CPU, m) {
+  m.impl("bn_stats_fwd", &bn_stats_fwd_cpu);
+  m.impl("bn_apply", &bn_apply_cpu);
+  m.impl("bn_bwd_reduce", &bn_bwd_reduce_cpu);
+  m.impl("bn_bwd_apply", &bn_bwd_apply_cpu);
+}
+
+}  // namespace fastblocks

@@ -1,0 +1,282 @@
+"""``fastblocks bench``: op-level and model-level comparisons against eager PyTorch.
+
+Prints a markdown table, writes ``ops.json`` / ``models.json`` (merged by key, see
+:mod:`fastblocks.bench.results`) and PNG charts into ``--output`` (default
+``benchmarks/results/<device-slug>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+_DTYPES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+}  # fmt: skip
+_QUICK_MODELS = ("resnet18", "densenet121")
+_DEFAULT_MODELS = ("resnet50", "densenet201")
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(p) for p in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _dtype(text: str) -> str:
+    key = text.strip().lower()
+    if key not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(sorted(_DTYPES))}, got {text!r}")
+    return _DTYPES[key]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``fastblocks bench``."""
+    p.description = (
+        "Compare fastblocks with eager PyTorch (and torch.compile, checkpointing): op-level and model-level "
+        "speed and memory. Prints a markdown table; writes JSON and PNG charts to --output."
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and few repetitions (resnet18 + densenet121; a few minutes on a CPU)",
+    )
+    p.add_argument("--ops", action="store_true", help="op-level benchmarks only (add_relu, BatchNorm-ReLU, ...)")
+    p.add_argument(
+        "--models",
+        type=_csv,
+        default=None,
+        help="model-level benchmarks only, for these models (e.g. resnet50,densenet201)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_ints,
+        default=None,
+        help="model batch size(s), comma-separated (default: 256 ResNet / 64 DenseNet on GPU, 8 on CPU)",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="model input resolution (default 224; --quick on CPU: 112)"
+    )
+    p.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=None,
+        help="bf16 | fp16 | fp32 (models: the autocast dtype; default bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC layout (default: on for GPU; ops run both layouts unless this is given)",
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument(
+        "--providers",
+        type=_csv,
+        default=None,
+        help="comma-separated subset of eager,compile,checkpoint,fused,fused-compile "
+        "(default: all on GPU; eager,checkpoint,fused on CPU, where compiling takes minutes)",
+    )
+    p.add_argument("--output", default=None, help="results folder (default benchmarks/results/<device-slug>)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU (default: torch's)")
+    p.add_argument("--no-charts", action="store_true", help="do not write PNG charts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, one repetition
+
+
+def _timing(device_type: str, quick: bool, tiny: bool) -> dict:
+    if tiny:
+        return {"warmup": 1, "min_reps": 2, "min_time_s": 0.0, "max_time_s": 0.2}
+    if quick:
+        return {"warmup": 2, "min_reps": 5, "min_time_s": 0.2, "max_time_s": 2.0}
+    return {"warmup": 5 if device_type == "cuda" else 3, "min_reps": 10, "min_time_s": 1.0, "max_time_s": 10.0}
+
+
+class _Progress:
+    """A tqdm bar on stderr (plain lines when tqdm is missing or the bar is disabled)."""
+
+    def __init__(self, total: int, disable: bool) -> None:
+        self.bar = None
+        if not disable:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label[:60], refresh=False)
+            self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """Run ``fastblocks bench`` with parsed ``args``; ``command`` is recorded as the command line."""
+    import torch
+
+    from fastblocks.bench import models as model_bench
+    from fastblocks.bench import ops as op_bench
+    from fastblocks.bench import report
+    from fastblocks.bench.env import busy_warning, environment, load_average, summary_line
+    from fastblocks.bench.memory import max_rss_bytes
+    from fastblocks.bench.rates import yardsticks
+    from fastblocks.bench.results import default_output_dir, results_path, write_results
+
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"fastblocks bench: --device {args.device}: no CUDA device is available", file=sys.stderr)
+        return 2
+    if device.type not in {"cpu", "cuda"}:
+        print(f"fastblocks bench: --device {args.device}: only cpu and cuda are supported", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"fastblocks bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    providers = args.providers or (list(model_bench.PROVIDERS) if cuda else ["eager", "checkpoint", "fused"])
+    unknown = [p for p in providers if p not in model_bench.PROVIDERS]
+    if unknown:
+        print(f"fastblocks bench: unknown provider(s) {', '.join(unknown)}; "
+              f"choose from {', '.join(model_bench.PROVIDERS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    notes: list[str] = []
+
+    do_models = not args.ops
+    do_ops = args.ops or args.models is None
+    module = None
+    if do_models:
+        module, reason = model_bench.load_models()
+        if module is None:
+            if args.models is not None:
+                print(f"fastblocks bench: {reason}; cannot run --models", file=sys.stderr)
+                return 2
+            notes.append(f"model-level benchmarks skipped: {reason}; ran the op-level comparison only")
+            do_models = False
+
+    env = environment(device, command=command)
+    env.update(yardsticks(device, small=args.tiny))
+    out_dir = Path(args.output) if args.output else default_output_dir(env["device_slug"])
+    print(f"fastblocks bench on {summary_line(env)}")
+    busy = busy_warning(env) if not cuda else None
+    if busy:
+        notes.append(busy)
+    for n in notes:
+        print(f"note: {n}")
+
+    # ------------------------------------------------------------------ plan
+    op_units: list[tuple] = []
+    if do_ops:
+        layouts = (False, True) if args.channels_last is None else (bool(args.channels_last),)
+        cases = op_bench.default_cases(device, quick=args.quick, tiny=args.tiny, dtype=dtype, layouts=layouts)
+        modes = ("fwd", "full") if (args.quick or args.tiny) else op_bench.MODES
+        for case in cases:
+            for prov in providers:
+                if prov in op_bench.PROVIDERS:
+                    op_units.append((case, prov, modes))
+    model_units: list[tuple] = []
+    if do_models:
+        names = args.models or list(_QUICK_MODELS if args.quick or args.tiny else _DEFAULT_MODELS)
+        for name in names:
+            builder = model_bench.builder_for(module, name)
+            if builder is None:
+                notes.append(f"{name}: fastblocks.models has no builder of that name, skipped")
+                continue
+            base = model_bench.default_config(device, name, quick=args.quick or args.tiny)
+            for bs in args.batch_size or [base.batch_size]:
+                cfg = model_bench.ModelConfig(
+                    batch_size=2 if args.tiny and not args.batch_size else bs,
+                    image_size=args.image_size or (32 if args.tiny else base.image_size),
+                    dtype=dtype or base.dtype,
+                    channels_last=base.channels_last if args.channels_last is None else bool(args.channels_last),
+                    timing=_timing(device.type, True, True) if args.tiny else base.timing,
+                )
+                model_units.append((name, builder, cfg))
+    total = sum(len(m) for *_, m in op_units) + sum(len(providers) * len(model_bench.MODES) for _ in model_units)
+    progress = _Progress(total, args.no_progress)
+
+    # ------------------------------------------------------------------ measure
+    op_rows: list[dict] = []
+    timing = _timing(device.type, args.quick, args.tiny)
+    for case, prov, modes in op_units:
+        reason = op_bench.provider_available(prov, device, allow_cpu_compile=args.providers is not None)
+        try:
+            prep = op_bench.prepare(case, prov, device) if reason is None else None
+        except Exception as exc:  # report and go on: one failing case must not lose the rest
+            notes.append(f"{case.id} {prov}: failed, {type(exc).__name__}: {exc}")
+            progress.note(notes[-1])
+            prep = None
+        for mode in modes:
+            if prep is not None:
+                try:
+                    op_rows.append(op_bench.run(prep, prov, mode, device, yardsticks=env, timing=timing))
+                except Exception as exc:
+                    notes.append(f"{case.id} {prov} {mode}: failed, {type(exc).__name__}: {exc}")
+                    progress.note(notes[-1])
+            progress.step(f"{case.id} {prov} {mode}")
+        del prep
+    model_rows: list[dict] = []
+    for name, builder, cfg in model_units:
+        ran = model_bench.run_model(
+            name, builder, providers, device, cfg, yardsticks=env,
+            on_skip=lambda m: (notes.append(m), progress.note(m)), progress=progress.step,
+        )  # fmt: skip
+        model_rows.extend(ran)
+        missing = len(providers) * len(model_bench.MODES) - len(ran)
+        for _ in range(missing):
+            progress.step(f"{name} skipped")
+    progress.close()
+
+    # ------------------------------------------------------------------ write and report
+    env["max_rss_bytes"] = max_rss_bytes()
+    if not cuda and not busy and (late := busy_warning({**env, "load_average": load_average()})):
+        notes.append(late.replace("is busy", "became busy during the run"))
+    written: list[Path] = []
+    history: list[dict] = []
+    for suite, rows in (("ops", op_rows), ("models", model_rows)):
+        if rows:
+            path = results_path(out_dir, suite)
+            history += write_results(path, suite, env, rows)["rows"]
+            written.append(path)
+    if not args.no_charts and (op_rows or model_rows):
+        try:
+            written += report.write_charts(op_rows + model_rows, out_dir, title=env["device_name"], history=history)
+        except ImportError as exc:
+            notes.append(f"charts skipped: {exc}")
+    print()
+    print(report.tables(op_rows + model_rows))
+    print()
+    for n in notes:
+        print(f"note: {n}")
+    for path in written:
+        print(f"wrote {path}")
+    print(f"fastblocks bench: {len(op_rows) + len(model_rows)} measurements in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,167 @@
+"""Timing: warm-up, then repeated samples; median and inter-quartile range, raw samples kept.
+
+CPU: ``time.perf_counter`` around one or several calls (several when one call is shorter than
+``_MIN_SAMPLE_S``, so the timer's resolution and the loop overhead do not matter).
+CUDA: a pair of CUDA events around each sample, all read after one synchronization at the end,
+so the host never waits between samples; optionally the L2 cache is flushed before each sample
+(as ``triton.testing.do_bench`` does) so a tensor that fits in L2 is not timed from cache.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+_MIN_SAMPLE_S = 1e-3  # CPU: a sample lasts at least 1 ms (several calls if needed)
+_MIN_SAMPLE_CUDA_S = 2e-5  # CUDA: events resolve ~0.5 us; batch calls shorter than 20 us
+_L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100/H200: 50 MB)
+
+
+@dataclass
+class Timing:
+    """Result of :func:`measure`; times in milliseconds per call.
+
+    Attributes:
+        median_ms: median over the samples.
+        iqr_ms: inter-quartile range (75th - 25th percentile) of the samples: the spread.
+        samples_ms: every sample (each the mean of ``calls_per_sample`` calls).
+        calls_per_sample: calls timed together in one sample.
+        method: ``"perf_counter"`` (CPU) or ``"cuda_events"``.
+        first_call_ms: duration of the first warm-up call (includes one-off costs: compilation,
+            autotuning, allocator growth).
+    """
+
+    median_ms: float
+    iqr_ms: float
+    samples_ms: list[float] = field(repr=False)
+    calls_per_sample: int = 1
+    method: str = "perf_counter"
+    first_call_ms: float = math.nan
+
+    @property
+    def min_ms(self) -> float:
+        """The fastest sample."""
+        return min(self.samples_ms)
+
+    def as_dict(self) -> dict:
+        """JSON-able form (samples rounded to 4 significant digits)."""
+        d = asdict(self)
+        d["samples_ms"] = [float(f"{s:.4g}") for s in self.samples_ms]
+        return d
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for ``device`` to finish its queued work (no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(samples_ms: list[float]) -> tuple[float, float]:
+    """``(median, inter-quartile range)`` of ``samples_ms`` (IQR 0 for fewer than 2 samples)."""
+    if not samples_ms:
+        raise ValueError("summarize needs at least one sample")
+    if len(samples_ms) < 2:
+        return samples_ms[0], 0.0
+    q1, _, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")
+    return statistics.median(samples_ms), q3 - q1
+
+
+def _done(n: int, elapsed: float, min_reps: int, max_reps: int, min_time_s: float, max_time_s: float) -> bool:
+    if n >= max_reps:
+        return True
+    if elapsed >= max_time_s and n >= 1:
+        return True
+    return n >= min_reps and elapsed >= min_time_s
+
+
+def _warm(fn: Callable[[], object], device: torch.device, warmup: int) -> tuple[float, float]:
+    """Run ``fn`` ``max(1, warmup)`` times; return (first call, last call) durations in seconds."""
+    first = last = 0.0
+    for i in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        last = time.perf_counter() - t0
+        if i == 0:
+            first = last
+    return first, last
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    *,
+    warmup: int = 3,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    min_time_s: float = 0.5,
+    max_time_s: float = 10.0,
+    flush_l2: bool = False,
+) -> Timing:
+    """Time ``fn()`` (which must do the whole thing measured, e.g. forward and backward).
+
+    Args:
+        fn: the callable; its result is ignored.
+        device: where ``fn`` runs (CUDA: timed with events, synchronized at the end).
+        warmup: untimed calls first (at least one: it also estimates the duration).
+        min_reps, max_reps: bounds on the number of samples.
+        min_time_s: keep sampling until this much time was spent (and ``min_reps`` reached).
+        max_time_s: stop after this much time even below ``min_reps`` (at least one sample).
+        flush_l2: CUDA only: overwrite a 256 MB buffer before each sample (cold L2).
+
+    Returns:
+        a :class:`Timing` with the median, IQR and raw samples in ms per call.
+    """
+    device = torch.device(device)
+    first, est = _warm(fn, device, warmup)
+    est = max(est, 1e-9)
+    if device.type == "cuda":
+        return _measure_cuda(fn, device, est, first, min_reps, max_reps, min_time_s, max_time_s, flush_l2)
+    calls = max(1, math.ceil(_MIN_SAMPLE_S / est))
+    samples: list[float] = []
+    start = time.perf_counter()
+    while not _done(len(samples), time.perf_counter() - start, min_reps, max_reps, min_time_s, max_time_s):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e3)
+    median, iqr = summarize(samples)
+    return Timing(median, iqr, samples, calls, "perf_counter", first * 1e3)
+
+
+def _measure_cuda(
+    fn: Callable[[], object],
+    device: torch.device,
+    est: float,
+    first: float,
+    min_reps: int,
+    max_reps: int,
+    min_time_s: float,
+    max_time_s: float,
+    flush_l2: bool,
+) -> Timing:
+    calls = 1 if flush_l2 else max(1, math.ceil(_MIN_SAMPLE_CUDA_S / est))
+    # Decide the number of samples from the estimate, so the host never synchronizes mid-run.
+    per_sample = est * calls
+    reps = max(min_reps, min(max_reps, math.ceil(min_time_s / per_sample)))
+    reps = max(1, min(reps, math.floor(max_time_s / per_sample) or 1))
+    cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_l2 else None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    with torch.cuda.device(device):
+        for begin, end in events:
+            if cache is not None:
+                cache.zero_()
+            begin.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+        torch.cuda.synchronize(device)
+    samples = [begin.elapsed_time(end) / calls for begin, end in events]
+    median, iqr = summarize(samples)
+    return Timing(median, iqr, samples, calls, "cuda_events", first * 1e3)

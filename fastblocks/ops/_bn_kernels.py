@@ -1,0 +1,89 @@
+"""Fake (meta) kernels of the compiled BatchNorm schemas ``fastblocks::bn_stats_fwd``,
+``bn_apply``, ``bn_bwd_reduce`` and ``bn_bwd_apply`` (csrc/ops.cpp; CPU kernels in
+csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu).
+
+They give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
+strides without running anything, and must agree with the real kernels on all three:
+
+- per-channel outputs are 1-D ``[C]`` float32 (float64 when x is float64), contiguous;
+- x-sized outputs have x's shape and dtype, laid out channels_last when ``channels_last`` is true,
+  else contiguous (``empty_like`` with an explicit memory format, as the C++ ``at::empty_like``).
+
+Registered only when the extension is loaded and defines the schemas (a stale build may not), so
+``import fastblocks`` never fails because of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastblocks import _ext
+from fastblocks.ops._common import memory_format
+
+_SCHEMAS = ("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply")
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_vectors(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    return tuple(x.new_empty((x.shape[1],), dtype=_acc_dtype(x)) for _ in range(k))
+
+
+def _like_x(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=memory_format(channels_last))
+
+
+def _schemas_defined() -> bool:
+    return all(hasattr(torch.ops.fastblocks, s) for s in _SCHEMAS)
+
+
+if _ext.loaded() and _schemas_defined():
+
+    @torch.library.register_fake("fastblocks::bn_stats_fwd")
+    def _(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        per_channel = x.shape[0] * math.prod(x.shape[2:])
+        torch._check(per_channel > 0, lambda: f"fastblocks::bn_stats_fwd: empty batch: x has shape {tuple(x.shape)}")
+        return _channel_vectors(x, 2)
+
+    @torch.library.register_fake("fastblocks::bn_apply")
+    def _(
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        residual: torch.Tensor | None,
+        relu: bool,
+        channels_last: bool,
+    ) -> torch.Tensor:
+        return _like_x(x, channels_last)
+
+    @torch.library.register_fake("fastblocks::bn_bwd_reduce")
+    def _(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        residual: torch.Tensor | None,
+        relu: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _channel_vectors(x, 2)
+
+    @torch.library.register_fake("fastblocks::bn_bwd_apply")
+    def _(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        residual: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        relu: bool,
+        channels_last: bool,
+    ) -> torch.Tensor:
+        return _like_x(x, channels_last)

@@ -1,0 +1,356 @@
+"""The compiled CPU kernels of the BatchNorm family (csrc/cpu/batchnorm.cpp), called directly as
+``torch.ops.fastblocks.bn_stats_fwd / bn_apply / bn_bwd_reduce / bn_bwd_apply``.
+
+Each is compared with a float64 formula written here. x-sized results (one or two roundings to x's
+dtype) must lie within a few units of x's rounding of the exact value, scaled by the magnitude of
+the terms that produced it; reductions (fp32 accumulation for every dtype but fp64) within 1e-5 of
+the sum of the terms' magnitudes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastblocks.ops._bn_kernels  # noqa: F401  (fake kernels, for opcheck)
+from tests.helpers import require_compiled_kernels
+
+require_compiled_kernels("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply", dispatch_key="CPU")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(1, 63, 7, 7), (2, 3, 13, 13), (3, 17, 5, 9), (8, 64, 28, 28), (2, 2048, 2, 2)]
+LAYOUTS = ["nchw", "channels_last"]
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def _ops():
+    return torch.ops.fastblocks
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _red_tol(dtype: torch.dtype) -> float:
+    return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+def _pc(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel vector as float64, broadcastable against [N, C, ...]."""
+    return v.double().view(1, -1, *([1] * (ndim - 2)))
+
+
+def _dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _make(shape, dtype, layout, seed, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def _strided(shape, dtype, seed):
+    """A non-contiguous (in every memory format) view with fresh values."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn((*shape[:-1], 2 * shape[-1]), generator=g, dtype=torch.float64).to(dtype)
+    view = wide[..., ::2]
+    assert view.numel() <= 1 or not view.is_contiguous()
+    return view
+
+
+def _channel(c, seed, dtype, lo=-1.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+
+
+def _params(x, seed=10):
+    c, acc = x.shape[1], _acc(x.dtype)
+    scale = _channel(c, seed, acc, -2.0, 2.0)
+    shift = _channel(c, seed + 1, acc, -1.0, 1.0)
+    return scale, shift
+
+
+def _value64(x, scale, shift, residual):
+    """x*scale + shift [+ residual] in float64, rounded to x's dtype where eager rounds: after the BN
+    (when a residual follows); the final rounding is left to the caller."""
+    nd = x.dim()
+    y = x.double() * _pc(scale, nd) + _pc(shift, nd)
+    if residual is not None:
+        y = y.to(x.dtype).double() + residual.double()
+    return y
+
+
+def _value_bound(x, scale, shift, residual):
+    """Allowed |kernel - float64| of the forward value: two roundings to x's dtype (the BN, the add)
+    plus fp32 arithmetic, relative to the magnitude of the terms; smallest normal as the floor."""
+    nd = x.dim()
+    mag = (x.double() * _pc(scale, nd)).abs() + _pc(shift, nd).abs()
+    if residual is not None:
+        mag = mag + residual.double().abs()
+    return (4 * UNIT[x.dtype] + 4 * UNIT[_acc(x.dtype)]) * mag + torch.finfo(x.dtype).tiny
+
+
+def assert_within(actual, expected, bound, what):
+    a = actual.double()
+    ok = ((a - expected).abs() <= bound) | (a.isnan() & expected.isnan())
+    if not bool(ok.all()):
+        excess = ((a - expected).abs() - bound)[~ok]
+        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} off, worst by {excess.max().item():.3g}")
+
+
+def _fmt(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def _case(shape, dtype, layout, with_residual, seed=0):
+    x = _make(shape, dtype, layout, seed, scale=2.0, offset=0.3)
+    scale, shift = _params(x, seed + 10)
+    residual = _make(shape, dtype, layout, seed + 20) if with_residual else None
+    return x, scale, shift, residual
+
+
+BIG = (8, 64, 28, 28)
+
+
+def _full_matrix(shape, dtype, with_residual, relu):
+    # Every combination on the small odd shapes; on the big one (several tiles per channel in both
+    # layouts) fewer, to keep the file fast: fp32 and bf16, plain or with residual and ReLU.
+    return shape != BIG or (dtype in (torch.float32, torch.bfloat16) and with_residual == relu)
+
+
+CASES = pytest.mark.parametrize("shape", SHAPES, ids=str)
+DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+LAYOUT = pytest.mark.parametrize("layout", LAYOUTS)
+ELEMENTWISE_CASES = pytest.mark.parametrize(
+    "shape,dtype,layout,with_residual,relu",
+    [
+        pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}{'-residual' if c[3] else ''}{'-relu' if c[4] else ''}")
+        for c in itertools.product(SHAPES, DTYPES, LAYOUTS, [False, True], [False, True])
+        if _full_matrix(c[0], c[1], c[3], c[4])
+    ],
+)
+
+
+# ----------------------------------------------------------------------------- bn_stats_fwd
+@CASES
+@DTYPE
+@LAYOUT
+def test_stats_match_float64(shape, dtype, layout):
+    x = _make(shape, dtype, layout, 1, scale=3.0, offset=0.5)
+    mean, var = _ops().bn_stats_fwd(x, layout == "channels_last")
+    assert mean.dtype == var.dtype == _acc(dtype) and mean.shape == var.shape == (shape[1],)
+    var64, mean64 = torch.var_mean(x.double(), dim=_dims(x), correction=0)
+    tol = _red_tol(dtype)
+    assert_within(mean, mean64, tol * x.double().abs().mean(_dims(x)), "mean")
+    assert_within(var, var64, tol * var64, "var")
+
+
+@LAYOUT
+def test_stats_are_stable_for_a_large_mean(layout):
+    # mean² / var = 1e6: a one-pass sum of squares in fp32 loses every digit here.
+    x = _make((16, 8, 64, 64), torch.float32, layout, 2, scale=1.0, offset=1000.0)
+    mean, var = _ops().bn_stats_fwd(x, layout == "channels_last")
+    var64, mean64 = torch.var_mean(x.double(), dim=_dims(x), correction=0)
+    assert_within(var, var64, 1e-3 * var64, "var")
+    assert_within(mean, mean64, 1e-6 * mean64, "mean")
+
+
+def test_stats_of_an_empty_batch_raise():
+    with pytest.raises(RuntimeError, match="empty batch"):
+        _ops().bn_stats_fwd(torch.empty(0, 3, 4, 4), False)
+
+
+# ----------------------------------------------------------------------------- bn_apply
+@ELEMENTWISE_CASES
+def test_apply_matches_float64(shape, dtype, layout, with_residual, relu):
+    x, scale, shift, residual = _case(shape, dtype, layout, with_residual)
+    y = _ops().bn_apply(x, scale, shift, residual, relu, layout == "channels_last")
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=_fmt(layout))
+    expected = _value64(x, scale, shift, residual)
+    if relu:
+        expected = torch.where(expected <= 0, 0.0, expected)
+    assert_within(y, expected, _value_bound(x, scale, shift, residual), "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_apply_rounds_like_eager_bn_plus_residual(dtype):
+    # Eager's relu(bn(x) + residual) rounds bn(x) to the dtype before the add: so must the kernel.
+    x, scale, shift, residual = _case((2, 8, 9, 9), dtype, "nchw", True, seed=5)
+    y = _ops().bn_apply(x, scale, shift, residual, True, False)
+    t = torch.addcmul(_pc(shift, 4).float(), x.float(), _pc(scale, 4).float()).to(dtype)  # fp32 fma, rounded
+    assert torch.equal(y, torch.relu(t + residual))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_apply_output_layout_follows_the_flag_not_the_input(channels_last):
+    x = _make((2, 5, 6, 7), torch.float32, "channels_last" if not channels_last else "nchw", 3)
+    scale, shift = _params(x)
+    y = _ops().bn_apply(x, scale, shift, None, True, channels_last)
+    assert y.is_contiguous(memory_format=_fmt("channels_last" if channels_last else "nchw"))
+    assert_within(y, torch.relu(_value64(x, scale, shift, None)), _value_bound(x, scale, shift, None), "y")
+
+
+# ----------------------------------------------------------------------------- backward kernels
+def _keep(x, scale, shift, residual, channels_last):
+    """The forward ReLU's pass pattern: bn_apply's output is > 0 or NaN exactly where it passed."""
+    y = _ops().bn_apply(x, scale, shift, residual, True, channels_last)
+    keep = ~(y <= 0)
+    # The float64 formula agrees except where the value is within rounding of 0.
+    expected = _value64(x, scale, shift, residual).to(x.dtype)
+    differ = keep != ~(expected <= 0)
+    assert bool((expected.double().abs()[differ] <= _value_bound(x, scale, shift, residual)[differ]).all())
+    return keep
+
+
+@ELEMENTWISE_CASES
+def test_bwd_reduce_matches_float64(shape, dtype, layout, with_residual, relu):
+    x, scale, shift, residual = _case(shape, dtype, layout, with_residual)
+    cl = layout == "channels_last"
+    grad = _strided(shape, dtype, 7)
+    mean = torch.var_mean(x.double(), dim=_dims(x), correction=0)[1].to(_acc(dtype))
+    sum_g, sum_gx = _ops().bn_bwd_reduce(grad, x, mean, scale, shift, residual, relu, cl)
+    assert sum_g.dtype == sum_gx.dtype == _acc(dtype) and sum_g.shape == sum_gx.shape == (shape[1],)
+    g = grad.double()
+    if relu:
+        g = torch.where(_keep(x, scale, shift, residual, cl), g, 0.0)
+    xc = x.double() - _pc(mean, x.dim())
+    dims, tol = _dims(x), _red_tol(dtype)
+    assert_within(sum_g, g.sum(dims), tol * g.abs().sum(dims), "sum_g")
+    assert_within(sum_gx, (g * xc).sum(dims), tol * (g * xc).abs().sum(dims), "sum_gx")
+
+
+@ELEMENTWISE_CASES
+def test_bwd_apply_matches_float64(shape, dtype, layout, with_residual, relu):
+    x, scale, shift, residual = _case(shape, dtype, layout, with_residual)
+    cl = layout == "channels_last"
+    grad = _strided(shape, dtype, 8)
+    acc, c = _acc(dtype), shape[1]
+    a, b, cc = _channel(c, 30, acc), _channel(c, 31, acc), _channel(c, 32, acc)
+    dx = _ops().bn_bwd_apply(grad, x, scale, shift, residual, a, b, cc, relu, cl)
+    assert dx.dtype == dtype and dx.shape == x.shape and dx.is_contiguous(memory_format=_fmt(layout))
+    g = grad.double()
+    if relu:
+        g = torch.where(_keep(x, scale, shift, residual, cl), g, 0.0)
+    nd = x.dim()
+    terms = (_pc(a, nd) * g, _pc(b, nd) * x.double(), _pc(cc, nd).expand(x.shape))
+    mag = sum(t.abs() for t in terms)
+    bound = (2 * UNIT[dtype] + 4 * UNIT[acc]) * mag + torch.finfo(dtype).tiny
+    assert_within(dx, sum(terms), bound, "dx")
+
+
+def test_eval_backward_is_a_scaled_masked_grad():
+    # a = scale, b = c = 0: dx = scale * g' exactly in fp32 (one product, one rounding).
+    x, scale, shift, residual = _case((2, 6, 5, 5), torch.float32, "nchw", True, seed=9)
+    grad = _strided(x.shape, torch.float32, 9)
+    zero = torch.zeros_like(scale)
+    dx = _ops().bn_bwd_apply(grad, x, scale, shift, residual, scale, zero, zero, True, False)
+    keep = _keep(x, scale, shift, residual, False)
+    assert torch.equal(dx, torch.where(keep, grad * scale.view(1, -1, 1, 1), 0.0))
+
+
+# ----------------------------------------------------------------------------- other ranks, empty
+@pytest.mark.parametrize("shape", [(37, 19), (4, 6, 33)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_2d_and_3d_inputs(shape, dtype):
+    x, scale, shift, residual = _case(shape, dtype, "nchw", True, seed=11)
+    mean, var = _ops().bn_stats_fwd(x, False)
+    var64, mean64 = torch.var_mean(x.double(), dim=_dims(x), correction=0)
+    assert_within(var, var64, 1e-5 * var64, "var")
+    assert_within(mean, mean64, 1e-5 * x.double().abs().mean(_dims(x)), "mean")
+    y = _ops().bn_apply(x, scale, shift, residual, True, False)
+    bound = _value_bound(x, scale, shift, residual)
+    assert_within(y, torch.relu(_value64(x, scale, shift, residual)), bound, "y")
+    grad = _strided(shape, dtype, 12)
+    keep = ~(y <= 0)
+    g = torch.where(keep, grad.double(), 0.0)
+    sum_g, sum_gx = _ops().bn_bwd_reduce(grad, x, mean, scale, shift, residual, True, False)
+    gxc = g * (x.double() - _pc(mean, x.dim()))
+    assert_within(sum_g, g.sum(_dims(x)), 1e-5 * g.abs().sum(_dims(x)), "sum_g")
+    assert_within(sum_gx, gxc.sum(_dims(x)), 1e-5 * gxc.abs().sum(_dims(x)), "sum_gx")
+    ones, zero = torch.ones_like(scale), torch.zeros_like(scale)
+    dx = _ops().bn_bwd_apply(grad, x, scale, shift, residual, ones, zero, zero, True, False)
+    assert torch.equal(dx, torch.where(keep, grad, 0).to(dtype))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_batch(channels_last):
+    x = torch.empty(0, 3, 4, 4)
+    scale, shift = _params(x)
+    y = _ops().bn_apply(x, scale, shift, None, True, channels_last)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=_fmt("channels_last" if channels_last else "nchw"))
+    sum_g, sum_gx = _ops().bn_bwd_reduce(x, x, scale, scale, shift, None, True, channels_last)
+    assert torch.equal(sum_g, torch.zeros(3)) and torch.equal(sum_gx, torch.zeros(3))
+    dx = _ops().bn_bwd_apply(x, x, scale, shift, None, scale, scale, scale, True, channels_last)
+    assert dx.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- NaN
+@LAYOUT
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_nan_passes_through_apply_and_its_gradient(layout, dtype):
+    cl = layout == "channels_last"
+    x, scale, shift, residual = _case((2, 5, 6, 7), dtype, layout, True, seed=13)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 4, 0, 0] = float("nan")
+    residual[1, 2, 5, 6] = float("nan")
+    nan = x.isnan() | residual.isnan()
+    y = _ops().bn_apply(x, scale, shift, residual, True, cl)
+    assert torch.equal(y.isnan(), nan)
+    keep = ~(y <= 0)  # threshold_backward's rule: NaN passes its gradient
+    assert bool(keep[nan].all())
+    grad = torch.ones_like(x)
+    ones, zero = torch.ones_like(scale), torch.zeros_like(scale)
+    dx = _ops().bn_bwd_apply(grad, x, scale, shift, residual, ones, zero, zero, True, cl)
+    # dx = 1 * g' + 0 * x + 0: the gradient passes where y is NaN; 0 * x is NaN where x is.
+    assert torch.equal(dx.isnan(), x.isnan())
+    assert torch.equal(dx[~x.isnan()], keep[~x.isnan()].to(dtype))
+    mean = torch.zeros_like(scale)
+    sum_g, sum_gx = _ops().bn_bwd_reduce(grad, x, mean, scale, shift, residual, True, cl)
+    assert torch.equal(sum_g, keep.sum(_dims(x)).to(sum_g.dtype))
+    assert torch.equal(sum_gx.isnan(), x.isnan().any(dim=(0, 2, 3)))
+
+
+# ----------------------------------------------------------------------------- bad input
+_X = torch.randn(2, 4, 3, 3)
+_S, _B = torch.ones(4), torch.zeros(4)
+BAD_CALLS = [
+    ("scale must be 1-D with one element per channel", "bn_apply", (_X, torch.ones(5), _B, None, True, False)),
+    ("scale must have dtype Float", "bn_apply", (_X, _S.double(), _B, None, True, False)),
+    ("shift must be 1-D", "bn_apply", (_X, _S, _B[:3], None, True, False)),
+    ("residual has shape", "bn_apply", (_X, _S, _B, torch.randn(2, 4, 3, 2), True, False)),
+    ("residual has dtype", "bn_apply", (_X, _S, _B, _X.half(), True, False)),
+    ("channels_last needs a 4-D x", "bn_apply", (_X[0, 0], _S[:3], _B[:3], None, True, True)),
+    ("x must be float16", "bn_apply", (_X.int(), _S, _B, None, True, False)),
+    ("x must be", "bn_stats_fwd", (torch.randn(5), False)),
+    ("grad_y has shape", "bn_bwd_reduce", (_X[:1], _X, _S, _S, _B, None, True, False)),
+    ("mean must be 1-D", "bn_bwd_reduce", (_X, _X, _S[:2], _S, _B, None, True, False)),
+    (": a must have dtype", "bn_bwd_apply", (_X, _X, _S, _B, None, _S.half(), _B, _B, True, False)),
+    (": c must be 1-D", "bn_bwd_apply", (_X, _X, _S, _B, None, _S, _B, torch.ones(2, 2), True, False)),
+]
+
+
+@pytest.mark.parametrize("words,op,args", BAD_CALLS, ids=[w for w, _, _ in BAD_CALLS])
+def test_bad_input_names_the_argument(words, op, args):
+    with pytest.raises(RuntimeError, match=words):
+        getattr(_ops(), op)(*args)
+
+
+# ----------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float16, True)], ids=str)
+def test_opcheck(dtype, channels_last):
+    layout = "channels_last" if channels_last else "nchw"
+    x, scale, shift, residual = _case((2, 3, 5, 7), dtype, layout, True, seed=14)
+    grad = _strided(x.shape, dtype, 15)
+    mean = torch.zeros_like(scale)
+    ops = _ops()
+    torch.library.opcheck(ops.bn_stats_fwd.default, (x, channels_last))
+    torch.library.opcheck(ops.bn_apply.default, (x, scale, shift, residual, True, channels_last))
+    torch.library.opcheck(ops.bn_apply.default, (x, scale, shift, None, False, not channels_last))
+    torch.library.opcheck(ops.bn_bwd_reduce.default, (grad, x, mean, scale, shift, residual, True, channels_last))
+    torch.library.opcheck(ops.bn_bwd_reduce.default, (grad, x, mean, scale, shift, None, False, channels_last))
+    args = (grad, x, scale, shift, residual, scale, shift, mean, True, channels_last)
+    torch.library.opcheck(ops.bn_bwd_apply.default, args)

@@ -1,0 +1,257 @@
+"""The benchmark harness (fastblocks.bench), the results files, the README updater and the CLI.
+
+Fast (tiny shapes, a couple of samples): these check that the machinery works, not the numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fastblocks
+from fastblocks import cli
+from fastblocks.bench import models as model_bench
+from fastblocks.bench import ops as op_bench
+from fastblocks.bench.env import busy_warning, command_line, device_slug, environment, slugify
+from fastblocks.bench.memory import saved_bytes
+from fastblocks.bench.report import BEGIN, END, model_table, op_table, readme_section, speedups
+from fastblocks.bench.results import load_results, write_results
+from fastblocks.bench.timing import measure, summarize
+from fastblocks.nn import BatchNormReLU2d
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"warmup": 1, "min_reps": 2, "min_time_s": 0.0, "max_time_s": 0.2}
+
+
+def _load_update_readme():
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TinyNet(nn.Module):
+    """conv -> BN -> ReLU -> pool -> fc; ``fused=True`` uses BatchNormReLU2d (same state_dict keys)."""
+
+    def __init__(self, fused: bool = False, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.fused = fused
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = BatchNormReLU2d(8) if fused else nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        if not self.fused:
+            x = torch.relu(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def tiny_net(fused: bool = False, num_classes: int = 1000) -> nn.Module:
+    return TinyNet(fused, num_classes)
+
+
+# ----------------------------------------------------------------------------- timing
+def test_measure_returns_positive_median_and_samples():
+    x = torch.randn(1000)
+    t = measure(lambda: x.sum(), "cpu", warmup=1, min_reps=3, min_time_s=0.0)
+    assert t.median_ms > 0 and t.iqr_ms >= 0
+    assert len(t.samples_ms) >= 3 and all(s > 0 for s in t.samples_ms)
+    assert t.calls_per_sample >= 1 and t.method == "perf_counter"
+    assert json.loads(json.dumps(t.as_dict()))["median_ms"] == t.median_ms
+
+
+def test_summarize_median_and_iqr():
+    assert summarize([1.0, 2.0, 3.0, 4.0, 5.0]) == (3.0, 2.0)
+    assert summarize([7.0]) == (7.0, 0.0)
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+# ----------------------------------------------------------------------------- environment
+def test_environment_record():
+    env = environment("cpu", command="fastblocks bench --quick")
+    for key in ("device_name", "torch", "triton", "cuda", "driver", "cpu", "threads", "date", "git_commit"):
+        assert key in env
+    assert env["command"] == "fastblocks bench --quick"
+    assert env["device_slug"] == device_slug("cpu") and env["device_slug"].startswith("cpu-")
+    assert slugify("NVIDIA H200 (SXM) ") == "nvidia-h200-sxm"
+    assert command_line(["bench", "--quick"], prog="fastblocks") == "fastblocks bench --quick"
+    assert busy_warning({"load_average": 0.1, "cpu_count": 2}) is None
+    assert "busy" in busy_warning({"load_average": 6.0, "cpu_count": 2})
+
+
+# ----------------------------------------------------------------------------- results files
+def _row(case: str, median: float, **extra) -> dict:
+    name, mode, provider = case.split("/")[:3]
+    return {"case": case, "kind": "op", "name": name, "mode": mode, "provider": provider, "shape": [2, 8, 6, 6],
+            "dtype": "float32", "layout": "nchw", "median_ms": median, "spread_ms": 0.1, **extra}  # fmt: skip
+
+
+def test_results_roundtrip_and_replace_by_key(tmp_path):
+    path = tmp_path / "cpu-test" / "ops.json"
+    env1 = {"device_slug": "cpu-test", "device_name": "Test CPU", "date": "2030-01-01T00:00:00", "command": "a"}
+    env2 = {**env1, "date": "2030-01-02T00:00:00", "command": "b"}
+    eager, fused = "add_relu/fwd/eager/2x8x6x6/float32/nchw", "add_relu/fwd/fused/2x8x6x6/float32/nchw"
+    write_results(path, "ops", env1, [_row(eager, 2.0), _row(fused, 1.0)])
+    data = load_results(path)
+    assert [r["case"] for r in data["rows"]] == [eager, fused]
+    assert all(r["suite"] == "ops" and r["device"] == "cpu-test" for r in data["rows"])
+
+    write_results(path, "ops", env2, [_row(fused, 0.5), _row("bn_relu/fwd/fused/2x8x6x6/float32/nchw", 3.0)])
+    data = load_results(path)
+    by_case = {r["case"]: r for r in data["rows"]}
+    assert len(data["rows"]) == 3
+    assert by_case[fused]["median_ms"] == 0.5 and by_case[eager]["median_ms"] == 2.0
+    assert by_case[fused]["run"] != by_case[eager]["run"]
+    assert set(data["runs"]) == {by_case[eager]["run"], by_case[fused]["run"]}
+    assert data["environment"]["command"] == "b"
+
+    write_results(path, "ops", env2, [_row(eager, 4.0)])  # run 1 no longer has rows: dropped
+    data = load_results(path)
+    assert len(data["runs"]) == 1 and speedups(data["rows"])[fused] == pytest.approx(8.0)
+
+
+def test_tables_render():
+    rows = [_row("add_relu/fwd/eager/2x8x6x6/float32/nchw", 2.0, gbps=1.0),
+            _row("add_relu/fwd/fused/2x8x6x6/float32/nchw", 1.0, gbps=2.0)]  # fmt: skip
+    table = op_table(rows)
+    assert "| add_relu | 2x8x6x6 |" in table and "2.00x" in table
+    assert "peak MB" not in table  # columns empty in every row are left out
+    assert model_table(rows) == ""
+
+
+# ----------------------------------------------------------------------------- README updater
+def test_update_readme_between_markers(tmp_path, capsys):
+    results = tmp_path / "results"
+    env = {"device_slug": "cpu-test", "device_name": "Test CPU", "device": "cpu", "threads": 2, "torch": "x",
+           "date": "2030-01-01T00:00:00", "command": "fastblocks bench --quick"}  # fmt: skip
+    write_results(results / "cpu-test" / "ops.json", "ops", env, [_row("add_relu/fwd/eager/2x8x6x6/float32/nchw", 1.0)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{BEGIN}\nold, typed by hand\n{END}\n\nafter\n")
+    update = _load_update_readme()
+
+    assert update.main(["--readme", str(readme), "--results", str(results)]) == 0
+    text = readme.read_text()
+    assert "old, typed by hand" not in text and text.startswith("# title") and text.endswith("after\n")
+    section = text[text.index(BEGIN) : text.index(END)]
+    assert "### Test CPU (`cpu-test`)" in section and "| add_relu |" in section
+    assert "`fastblocks bench --quick`" in section
+    assert update.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+    assert readme_section(results) in text
+
+    readme.write_text("# no markers\n")
+    capsys.readouterr()
+    assert update.main(["--readme", str(readme), "--results", str(results)]) == 0
+    out = capsys.readouterr()
+    assert "| add_relu |" in out.out and "markers" in out.err and readme.read_text() == "# no markers\n"
+
+
+# ----------------------------------------------------------------------------- op cases
+def test_op_case_bytes_and_backend():
+    case = op_bench.OpCase("add_relu", (2, 8, 6, 6), torch.float32)
+    n = 2 * 8 * 6 * 6
+    assert case.nbytes("fwd") == 3 * n * 4 + n // 8
+    assert case.nbytes("full") == case.nbytes("fwd") + case.nbytes("bwd")
+    assert op_bench.fused_backend(case, "cpu") in {"cpu", "reference"}
+    with fastblocks.use_backend("triton"), pytest.raises(RuntimeError, match="interpreter"):
+        op_bench.fused_backend(case, "cpu")  # the Triton interpreter is never timed
+    assert op_bench.provider_available("compile", "cpu") is not None
+    assert op_bench.provider_available("compile", "cpu", allow_cpu_compile=True) is None
+
+
+@pytest.mark.parametrize("name", op_bench.OPS)
+def test_op_run_row(name):
+    case = op_bench.OpCase(name, (2, 8, 6, 6), torch.float32, channels_last=True)
+    rows = {
+        p: op_bench.run(case, p, "full", "cpu", yardsticks={"copy_gbps": 10.0}, timing=FAST) for p in ("eager", "fused")
+    }
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] is not None
+        assert r["saved_bytes"] > 0 and r["memory_kind"] == "saved_for_backward" and r["peak_bytes"] is None
+    assert rows["fused"]["backend"] in {"cpu", "reference"}
+    assert rows["fused"]["saved_bytes"] <= rows["eager"]["saved_bytes"]
+
+
+def test_saved_bytes_excludes_parameters():
+    lin = nn.Linear(64, 64)
+    x = torch.randn(8, 64, requires_grad=True)
+    _, everything = saved_bytes(lambda: torch.relu(lin(x)))
+    _, activations = saved_bytes(lambda: torch.relu(lin(x)), exclude=list(lin.parameters()))
+    assert everything - activations == lin.weight.numel() * 4
+
+
+# ----------------------------------------------------------------------------- models
+def test_run_model_rows_and_skips():
+    cfg = model_bench.ModelConfig(batch_size=2, image_size=8, num_classes=10, timing=FAST)
+    skipped: list[str] = []
+    rows = model_bench.run_model("tinynet", tiny_net, ["eager", "checkpoint", "fused"], "cpu", cfg,
+                                 yardsticks={"matmul_tflops": 1.0}, on_skip=skipped.append)  # fmt: skip
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("eager", "fused") for m in ("train", "infer")
+    }
+    assert len(skipped) == 1 and "checkpoint" in skipped[0]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["flops"] > 0 and r["tflops"] > 0
+        assert (r["saved_bytes"] is not None) == (r["mode"] == "train")
+    assert "| tinynet | 2 x 8 |" in model_table(rows)
+
+
+def test_load_models_reports_missing_builders(monkeypatch):
+    monkeypatch.setattr(model_bench.importlib, "import_module", lambda name: types.ModuleType(name))
+    module, reason = model_bench.load_models()
+    assert module is None and "no model builders" in reason
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_bench_ops_quick(tmp_path, capsys):
+    rc = cli.main(["bench", "--ops", "--quick", "--tiny", "--no-progress", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    data = load_results(tmp_path / "ops.json")
+    assert {r["name"] for r in data["rows"]} == set(op_bench.OPS)
+    assert {r["provider"] for r in data["rows"]} == {"eager", "fused"}  # compile: opt-in on the CPU
+    assert data["environment"]["command"].startswith("fastblocks bench --ops --quick")
+    assert data["environment"]["copy_gbps"] > 0
+    assert "| add_relu |" in out and "measurements in" in out
+    assert (tmp_path / "ops_speedup.png").stat().st_size > 0
+
+
+def test_cli_bench_models_and_fallback(tmp_path, capsys, monkeypatch):
+    fake = types.SimpleNamespace(resnet18=tiny_net)
+    monkeypatch.setattr(model_bench, "load_models", lambda: (fake, None))
+    args = [
+        "bench",
+        "--models",
+        "resnet18",
+        "--tiny",
+        "--batch-size",
+        "2,3",
+        "--no-progress",
+        "--output",
+        str(tmp_path),
+    ]
+    assert cli.main(args) == 0
+    rows = load_results(tmp_path / "models.json")["rows"]
+    assert {(r["batch_size"], r["provider"], r["mode"]) for r in rows} == {
+        (b, p, m) for b in (2, 3) for p in ("eager", "fused") for m in ("train", "infer")
+    }
+    assert "checkpoint" in capsys.readouterr().out  # the skipped provider is named
+    for chart in ("models_speedup.png", "models_memory.png", "models_memory_vs_batch.png"):
+        assert (tmp_path / chart).exists()
+
+    monkeypatch.setattr(model_bench, "load_models", lambda: (None, "fastblocks.models defines no model builders yet"))
+    out_dir = tmp_path / "fallback"
+    rc = cli.main(
+        ["bench", "--quick", "--tiny", "--channels-last", "--no-progress", "--no-charts", "--output", str(out_dir)]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "model-level benchmarks skipped" in out and "op-level" in out
+    assert (out_dir / "ops.json").exists() and not (out_dir / "models.json").exists()
+    assert cli.main(["bench", "--models", "resnet50", "--tiny", "--output", str(out_dir)]) == 2
