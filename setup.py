@@ -119,7 +119,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "scikit-learn"],
         # scikit-learn's bundled digits: `fastblocks train/experiment --data digits` and tests/train.
         "experiment": ["scikit-learn"],
     },

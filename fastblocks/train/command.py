@@ -22,6 +22,10 @@ import argparse
 import ast
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastblocks.train.trainer import TrainConfig
 
 __all__ = ["add_arguments", "config_from_args", "run"]
 
@@ -121,7 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not a TTY)")
 
 
-def config_from_args(args: argparse.Namespace):  # -> TrainConfig (imported lazily)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`~fastblocks.train.trainer.TrainConfig` of parsed ``fastblocks train`` arguments."""
     from fastblocks.train.trainer import TrainConfig
 

@@ -36,7 +36,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +182,7 @@ def _seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _determinism(enabled: bool, device: torch.device):
+def _determinism(enabled: bool, device: torch.device) -> Iterator[None]:
     """Deterministic algorithms while training; restores the process-wide flags afterwards."""
     prev = (
         torch.are_deterministic_algorithms_enabled(),

@@ -15,7 +15,8 @@ from fastblocks.models import densenet as dn
 from fastblocks.models.densenet import DenseNet, remap_legacy_densenet_keys
 from fastblocks.testing import assert_close_to_reference, max_abs_err
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "torchvision_models.json"
+# A copy of shared/reference/torchvision_models.json (torchvision 0.29.2 state_dict keys and shapes).
+REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "data" / "torchvision_models.json"
 TORCHVISION = ["densenet121", "densenet169", "densenet201", "densenet161"]
 SMALL = {"growth_rate": 8, "block_config": (2, 3), "num_init_features": 16, "bn_size": 2, "num_classes": 10}
 

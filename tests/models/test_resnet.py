@@ -19,7 +19,8 @@ from fastblocks.nn import BatchNormReLU2d, BNAddReLU
 from fastblocks.testing import saved_tensor_bytes
 from tests.models.resnet_twins import assert_same_training, condition, twins
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "torchvision_models.json"
+# A copy of shared/reference/torchvision_models.json (torchvision 0.29.2 state_dict keys and shapes).
+REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "data" / "torchvision_models.json"
 
 # torchvision's (num_params, number of state_dict keys, sha256 of "key:shape" lines) from
 # shared/reference/torchvision_models.json, so the suite also checks a clean clone without it.
