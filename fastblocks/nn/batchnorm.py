@@ -12,10 +12,12 @@ Bytes kept for backward per activation element (fp32), against eager:
 module                 eager keeps                                  fused keeps
 =====================  ===========================================  =========================
 BatchNorm2d            BN input (4 B)                               BN input (4 B)
-BatchNormReLU2d        BN input, BN output, ReLU output (12 B)      BN input (4 B)
-BNAddReLU              BN input, BN output, ReLU output (12 B)      BN input (4 B) + residual*
+BatchNormReLU2d        BN input, ReLU output (8 B)                  BN input (4 B)
+BNAddReLU              BN input, ReLU output (8 B)                  BN input (4 B) + residual*
 =====================  ===========================================  =========================
 
+Eager here is torchvision's pattern (in-place ReLU); an out-of-place ReLU adds the BN output
+(12 B). ``tests/ops/test_batchnorm.py::test_saved_for_backward_is_only_the_input`` measures it.
 (*) the residual is the block's input, which its first convolution keeps anyway.
 ``BatchNorm2d`` itself saves no memory: it exists so a model can be fused layer by layer.
 """

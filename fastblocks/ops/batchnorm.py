@@ -1,8 +1,8 @@
 """Fused BatchNorm: batch statistics, ``act(BN(x) [+ residual])`` forward and backward.
 
 What is fused. Eager ``relu(bn(x) + residual)`` makes four passes over x-sized memory in
-forward (stats, normalize, add, relu) and keeps three x-sized tensors for backward (the BN
-input, the BN output and the ReLU output). Here:
+forward (stats, normalize, add, relu) and keeps two x-sized tensors for backward (the BN input
+and the ReLU output; three with an out-of-place ReLU, which also keeps the BN output). Here:
 
 - forward: one statistics pass (``bn_stats``, fp32 accumulation, numerically stable) and one
   apply pass ``y = act(x * scale + shift [+ residual])`` with per-channel
@@ -13,9 +13,10 @@ input, the BN output and the ReLU output). Here:
 - saved for backward: x (and the residual when there is a ReLU, which a residual block keeps
   alive anyway), and per-channel vectors. Nothing the forward computed at full size.
 
-Bytes kept for backward per element against eager (fp32, ReLU): eager keeps BN input, BN output
-and ReLU output = 12 B; fused keeps x = 4 B (BN+add+ReLU: eager 12 B + the residual, which the
-block keeps anyway; fused 4 B + the same residual).
+Bytes kept for backward per element against eager (fp32, ReLU): eager with an in-place ReLU keeps
+the BN input and the ReLU output = 8 B (12 B with an out-of-place ReLU, which also keeps the BN
+output); fused keeps x = 4 B (BN+add+ReLU: the same, plus the residual, which the block keeps
+anyway).
 
 Backward derivation (x̂ = (x - μ) invstd, y = act(γ x̂ + β), g' = dL/dy masked by the ReLU):
     dβ = Σ g'                                  dγ = Σ g' x̂ = invstd Σ g'(x - μ)

@@ -58,6 +58,7 @@ Rota Bulo et al. 2018, In-Place Activated BatchNorm; Triton's matrix-multiplicat
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -173,9 +174,15 @@ def _activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 
 def _fwd_reference(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: _Conv, stats: bool
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    conv: _Conv,
+    stats: bool,
+    activation: Callable = _activation,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a = _activation(x, scale, shift)
+    a = activation(x, scale, shift)
     y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     del a
     y = _layout(y, is_channels_last(x))
@@ -195,8 +202,10 @@ def _bwd_reference(
     conv: _Conv,
     need_input: bool,
     need_weight: bool,
+    activation: Callable = _activation,
+    prologue_bwd: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    a = _activation(x, scale, shift)
+    a = activation(x, scale, shift)
     grad_a, dweight, _ = torch.ops.aten.convolution_backward(
         grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
         [need_input, need_weight, False],
@@ -205,7 +214,7 @@ def _bwd_reference(
     dweight = _layout(dweight, False) if need_weight else _empty0(weight)
     if not need_input:
         return _empty0(x), _empty0(scale), _empty0(shift), dweight
-    dx, dscale, dshift = _prologue_bwd_reference(grad_a, x, scale, shift)
+    dx, dscale, dshift = (prologue_bwd or _prologue_bwd_reference)(grad_a, x, scale, shift)
     return dx, dscale, dshift, dweight
 
 
@@ -231,47 +240,25 @@ def _compiled_kernels():
     return _COMPILED_KERNELS
 
 
-def _fwd_compiled(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: _Conv, stats: bool
+def _compiled_activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return _compiled_kernels().apply(x, scale, shift, None, True, is_channels_last(x))
+
+
+def _prologue_bwd_compiled(
+    grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a = _compiled_kernels().apply(x, scale, shift, None, True, is_channels_last(x))
-    y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    del a
-    y = _layout(y, is_channels_last(x))
-    cd = _compute_dtype(x.dtype)
-    if not stats:
-        return y, _empty0(y, cd), _empty0(y, cd)
-    y_cd = y.to(cd)
-    return y, _reduce(y_cd), _reduce(y_cd * y_cd)
-
-
-def _bwd_compiled(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    weight: torch.Tensor,
-    conv: _Conv,
-    need_input: bool,
-    need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # g_z = g_a masked by the ReLU; dscale = Σ g_z x (bwd_reduce with mean 0), dshift = Σ g_z.
     k = _compiled_kernels()
     cl = is_channels_last(x)
-    a = k.apply(x, scale, shift, None, True, cl)
-    grad_a, dweight, _ = torch.ops.aten.convolution_backward(
-        grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
-        [need_input, need_weight, False],
-    )  # fmt: skip
-    del a
-    dweight = _layout(dweight, False) if need_weight else _empty0(weight)
-    if not need_input:
-        return _empty0(x), _empty0(scale), _empty0(shift), dweight
     cd = _compute_dtype(x.dtype)
     zero = torch.zeros(x.shape[1], dtype=cd, device=x.device)
-    # g_z = g_a masked by the ReLU; dscale = Σ g_z x (bwd_reduce with mean 0), dshift = Σ g_z.
     sum_g, sum_gx = k.bwd_reduce(grad_a, x, zero, scale, shift, None, True, cl)
     dx = k.bwd_apply(grad_a, x, scale, shift, None, scale.to(cd), zero, zero, True, cl)
-    return _layout(dx, cl), sum_gx.to(scale.dtype), sum_g.to(shift.dtype), dweight
+    return _layout(dx, cl), sum_gx.to(scale.dtype), sum_g.to(shift.dtype)
+
+
+_fwd_compiled = functools.partial(_fwd_reference, activation=_compiled_activation)
+_bwd_compiled = functools.partial(_bwd_reference, activation=_compiled_activation, prologue_bwd=_prologue_bwd_compiled)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
