@@ -25,7 +25,7 @@ __global__ void add_relu_fwd_kernel(const scalar_t* __restrict__ x, const scalar
       const int64_t i = base + j;
       if (i < n) {
         const float s = static_cast<float>(x[i]) + static_cast<float>(r[i]);
-        const scalar_t o = static_cast<scalar_t>(s <= 0.f ? 0.f : s);  // NaN passes, as torch.relu
+        const scalar_t o = static_cast<scalar_t>(s < 0.f ? 0.f : s);  // NaN and -0 pass, as torch.relu
         out[i] = o;
         bits |= static_cast<uint8_t>(!(static_cast<float>(o) <= 0.f)) << j;
       }
@@ -46,7 +46,7 @@ __global__ void add_relu_fwd_kernel<double>(const double* __restrict__ x, const 
       const int64_t i = base + j;
       if (i < n) {
         const double s = x[i] + r[i];
-        const double o = s <= 0.0 ? 0.0 : s;
+        const double o = s < 0.0 ? 0.0 : s;
         out[i] = o;
         bits |= static_cast<uint8_t>(!(o <= 0.0)) << j;
       }

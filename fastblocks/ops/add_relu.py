@@ -92,7 +92,7 @@ if triton is not None:
         x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
         r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
         s = x + r
-        o = tl.where(s <= 0.0, 0.0, s).to(out_ptr.dtype.element_ty)  # NaN stays NaN, as torch.relu
+        o = tl.where(s < 0.0, 0.0, s).to(out_ptr.dtype.element_ty)  # NaN and -0 stay, as torch.relu
         tl.store(out_ptr + offs, o, mask=inb)
         keep = tl.where(o.to(COMPUTE) <= 0.0, 0, 1)
         bits = tl.sum(keep << bit[None, :], axis=1)

@@ -80,6 +80,40 @@ def test_nan_and_inf_follow_eager(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_tensor_with_special_values_is_bitwise_eager(backend, dtype):
+    """Several parallel tasks, a length that is not a multiple of 8 or of any vector width, and
+    NaN, inf, signed zeros and tiny values, in the inputs and in the gradient."""
+    skip_unless_available("add_relu", backend, "cpu")
+    skip_bf16_in_interpreter(backend, dtype, "cpu")
+    g = torch.Generator().manual_seed(7)
+    n = 3 * 17 * 61 * 67 + 5
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    r = torch.randn(n, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, n, (4, 500), generator=g)
+    x[pick[0]] = float("nan")
+    x[pick[1]] = float("inf") * torch.sign(torch.randn(500, generator=g, dtype=torch.float64))
+    x[pick[2]], r[pick[2]] = -0.0, 0.0
+    r[pick[2][::2]] = -0.0  # -0 + -0 = -0, which eager's relu keeps
+    x[pick[3]], r[pick[3]] = 3e-8, -1e-39  # tiny: subnormal in fp32, zero after the cast to fp16
+    grad[pick[0][:250]] = float("nan")
+    x, r, grad = x.to(dtype), r.to(dtype), grad.to(dtype)
+    xa, ra = x.clone().requires_grad_(), r.clone().requires_grad_()
+    xe, re = x.clone().requires_grad_(), r.clone().requires_grad_()
+    with fastblocks.use_backend(backend):
+        out = add_relu(xa, ra)
+        out.backward(grad)
+    ref = add_relu_reference(xe, re)
+    ref.backward(grad)
+    for got, want in ((out, ref), (xa.grad, xe.grad), (ra.grad, re.grad)):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(got.isnan(), want.isnan())
+        number = ~want.isnan()  # a NaN's sign bit carries no meaning
+        assert torch.equal(torch.signbit(got[number]), torch.signbit(want[number]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 def test_backends_produce_identical_masks(backend):
     skip_unless_available("add_relu", backend, "cpu")
     x, r = torch.randn(3, 5, 7, 11), torch.randn(3, 5, 7, 11)
