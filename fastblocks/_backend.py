@@ -182,7 +182,13 @@ def resolve(op: str, device: torch.device | str) -> str:
 
 
 def _resolve_uncached(op: str, device_type: str) -> str:
-    forced = get_backend()
+    return _pick(op, device_type, get_backend(), triton_interpreted())
+
+
+@functools.lru_cache(maxsize=256)
+def _pick(op: str, device_type: str, forced: str | None, _interpreted: bool) -> str:
+    # Cached: availability is fixed once the extension is loaded, and the checks query the
+    # dispatcher (tens of microseconds per call). Errors are not cached, so they repeat.
     spec = _OPS[op]
     if forced in ("cpu", "cuda") and not spec.compiled and device_type == forced:
         # Forcing the compiled backend means "the compiled kernels where they exist": an op

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -96,6 +97,44 @@ def test_loads_a_torch_checkpoint_and_back():
 def test_one_value_per_channel_raises_like_torch():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("kind", ["bn", "bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("registered", [False, True], ids=["eager-path", "registered-op"])
+def test_empty_batch_behaves_like_torch(backend, kind, training, registered):
+    """N = 0: an empty output, zero parameter gradients, running buffers untouched and
+    num_batches_tracked still counted, exactly as nn.BatchNorm2d (+ReLU, +add)."""
+    skip_unless_available("batch_norm_act", backend, "cpu")
+    module = {"bn": BatchNorm2d, "bn_relu": BatchNormReLU2d, "bn_add_relu": BNAddReLU}[kind]
+    eager, fused = nn.BatchNorm2d(3), module(3)
+    for m in (eager, fused):
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+        m.num_batches_tracked.fill_(5)
+        m.train(training)
+    fused.load_state_dict(eager.state_dict())
+    outs = []
+    for m in (eager, fused):
+        x = torch.randn(0, 3, 4, 5, requires_grad=True)
+        r = torch.randn(0, 3, 4, 5, requires_grad=True)
+        mode = _AnyMode() if registered else contextlib.nullcontext()
+        with fastblocks.use_backend(backend), mode:
+            y = m(x) if m is eager else (m(x, r) if kind == "bn_add_relu" else m(x))
+        y.sum().backward()
+        outs.append((y, x.grad, m.weight.grad, m.bias.grad))
+    for a, e in zip(*outs):
+        assert a.shape == e.shape and torch.equal(a, e)
+    for name, buf in eager.state_dict().items():
+        assert torch.equal(fused.state_dict()[name], buf), name
+
+
+class _AnyMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """A pass-through dispatch mode: BatchNorm then goes through its registered op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def test_wrong_channels_and_missing_residual():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastblocks
 from fastblocks.ops.batchnorm import (
@@ -130,6 +133,46 @@ def test_bn_stats_and_scale_shift_act_compose_to_batchnorm(backend, channels_las
 
     for f, e in zip(_run(composed, x, w, b, r, grad), _run(eager, x, w, b, r, grad)):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the ops dispatched while active (and, being a mode, disables the eager path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("variant", ["bn", "bn_relu", "bn_add_relu", "bn_add"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_path_equals_the_registered_op(backend, variant, training):
+    """batch_norm_act skips the custom-op dispatch in plain eager calls (an autograd.Function over
+    the same kernels); both paths must give identical outputs, gradients and buffers."""
+    skip_unless_available("batch_norm_act", backend, "cpu")
+    x, w, b, r, grad = _inputs((3, 5, 6, 7), torch.float32, "cpu", False, seed=4, residual="add" in variant)
+    relu = "relu" in variant
+    results, buffers = [], []
+    for registered in (False, True):
+        rm, rv = torch.linspace(-1, 1, 5), torch.linspace(0.5, 2, 5)
+        mode = _RecordOps() if registered else contextlib.nullcontext()
+        with fastblocks.use_backend(backend), mode:
+
+            def fn(x, w, b, r, rm=rm, rv=rv):
+                return batch_norm_act(x, w, b, rm, rv, training=training, residual=r, relu=relu)
+
+            results.append(_run(fn, x, w, b, r, grad))
+        if registered:
+            assert "fastblocks.batch_norm_act.default" in mode.seen
+        buffers.append((rm, rv))
+    for a, e in zip(results[0], results[1]):
+        assert (a is None and e is None) or torch.equal(a, e)
+    for a, e in zip(buffers[0], buffers[1]):
+        assert torch.equal(a, e)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
