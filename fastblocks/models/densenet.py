@@ -16,6 +16,16 @@ A DenseNet-201 training forward then keeps 3.75% of the eager model's activation
 tests/models/test_densenet.py::test_saved_bytes_densenet201_224). ``fused=False`` is the eager twin: torchvision's exact modules and forward
 (``torch.cat``, ``nn.BatchNorm2d``), kept as the reference the tests compare against.
 
+Synchronized BatchNorm (DDP, ``fastblocks train`` under torchrun):
+``fastblocks.nn.convert_sync_batchnorm(model, group)`` gives every BatchNorm the group, the ones
+inside the fused nodes too (stem norm0, each layer's norm1/norm2, the transitions' norms; norm5
+is an ordinary fastblocks ``BatchNorm2d``). In training with more than one rank their statistics
+are the global batch's: a dense block of ``L`` layers all-gathers each new chunk's and each
+bottleneck's per-channel (count, mean, M2) once (``2 L`` small all_gathers forward) and
+all-reduces ``2 L`` pairs of per-channel sums backward; the stem and each transition one of each.
+The fused model then trains as one process on the whole batch does
+(tests/models/test_densenet_ddp.py). Without a group or with one rank: no collective.
+
 ``memory_efficient=True`` on the eager twin is torchvision's: ``torch.utils.checkpoint`` of each
 bottleneck (``norm1-relu1-conv1``). Its recomputation runs norm1 in training mode a second time,
 so norm1's running statistics and ``num_batches_tracked`` are updated twice per step (PyTorch

@@ -69,6 +69,34 @@ that dtype, BN statistics and scale/shift are fp32, and autocast is disabled ins
 and backward so every conv runs in that one dtype. Without autocast everything is in x's dtype
 (the conv weights must have it, as for ``F.conv2d``).
 
+Synchronized BatchNorm (DDP). When the norms carry a ``process_group``, set by
+``fastblocks.nn.convert_sync_batchnorm(model, group)`` (it turns the layers' and transitions'
+``nn.BatchNorm2d`` into fastblocks ``BatchNorm2d`` holding the group; ``BatchNormParams.from_module``
+reads it), in training, with ``torch.distributed`` initialized and more than one rank in the
+group, each rank holds its share of the batch and every statistic is the global batch's. The
+design is unchanged; only the sums cross ranks:
+- forward: each chunk's ``(count, mean, M2)`` ``[3, C]`` is all-gathered once, when the chunk is
+  produced, and combined with Chan et al.'s formula (exact and stable, as
+  ``fastblocks.ops.batchnorm._SyncBatchNormAct``); every later norm1 reuses the global chunk
+  statistics. Each bottleneck's norm2 statistics likewise. ``M`` above becomes the global
+  count (a 0-d tensor: no host synchronization); the running buffers are updated once, from
+  the global statistics and count;
+- backward: the recomputation uses the saved global statistics (no collective). The per-channel
+  sums behind dx are summed over the ranks: norm2's ``sg2, sgx2`` are all-reduced before
+  ``dbott``; norm1's ``gmu, gvar`` are accumulated locally over every consumer layer and
+  all-reduced once per chunk, just before the chunk's gradient is finished (the local share of
+  ``∂L/∂mu, ∂L/∂var``, summed, is the global one). The direct part ``s1 g1'`` needs no sum; the
+  parameter gradients keep the local sums (DDP averages them, as with ``nn.SyncBatchNorm``);
+- cost of a block of ``L`` layers: forward ``2 L`` all_gathers (the input's ``[3, C0]``, ``L``
+  bottlenecks' ``[3, B]``, ``L - 1`` chunks' ``[3, k]``), backward ``2 L`` all-reduces (``L`` of
+  ``[2, B]``, ``L`` of ``[2, k]`` or ``[2, C0]``); each needs the result of the one before, so
+  they are not batched. The transition and the stem: one each way. As many collectives as
+  ``nn.SyncBatchNorm`` in torchvision's eager block, but norm1 exchanges ``k`` channels per layer
+  instead of the whole ``C_i`` prefix. Saved for backward: the same tensors (global statistics
+  in place of local ones) and the 0-d global count.
+Without a group, with a group of one rank, without ``torch.distributed`` or in eval: no
+collective, the single-process code as it was.
+
 torch.compile. The block, the transition and the stem are ``torch.autograd.Function``s built
 from traceable pieces: Dynamo traces their forward and backward (``backend="aot_eager"`` runs
 a whole DenseNet with ``fullgraph=True``). The backend choice is read once at trace time (a
@@ -86,6 +114,9 @@ rounding only.
 Limits: the bottleneck convs are ``torch`` convolutions on the (transient) activation; the
 BN-ReLU prologue fusion into the 1x1 GEMM is future work. The kernel-table functions take
 the prefix view as is: the Triton and compiled launchers make a dense copy of it first.
+Synchronized: the "more than 1 value per channel" check applies to each rank's own batch
+(``nn.SyncBatchNorm`` checks the global one); ``torch.compile`` of a synchronized model is
+untested (tests/models/test_densenet_ddp.py runs it eagerly).
 """
 
 from __future__ import annotations
@@ -95,11 +126,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from fastblocks import _backend
 from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
-from fastblocks.ops.batchnorm import _BY_BACKEND, _compute_dtype, _scale_shift, update_running_stats
+from fastblocks.ops.batchnorm import (
+    _BY_BACKEND,
+    _combine_partials,
+    _compute_dtype,
+    _scale_shift,
+    update_running_stats,
+)
 
 _COMPILED = ("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply")
 for _name in ("dense_block", "dense_transition"):
@@ -122,6 +160,9 @@ class BatchNormParams:
         num_batches_tracked: scalar buffer incremented once per training forward, or ``None``.
         momentum: as ``nn.BatchNorm2d`` (``None``: cumulative average).
         eps: added to the variance.
+        process_group: a ``torch.distributed`` group: in training, when ``torch.distributed`` is
+            initialized and the group has more than one rank, batch statistics are those of the
+            batch of every rank of the group (synchronized BatchNorm); ``None``: this process's.
     """
 
     weight: torch.Tensor | None
@@ -131,11 +172,24 @@ class BatchNormParams:
     num_batches_tracked: torch.Tensor | None = None
     momentum: float | None = 0.1
     eps: float = 1e-5
+    process_group: object | None = None
 
     @classmethod
     def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> BatchNormParams:
-        """The parameters and buffers of ``bn`` (shared, not copied)."""
-        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
+        """The parameters and buffers of ``bn`` (shared, not copied) and its ``process_group``.
+
+        ``process_group`` is set by :func:`fastblocks.nn.convert_sync_batchnorm` on fastblocks
+        ``BatchNorm2d`` (``None`` there means local statistics). For ``nn.SyncBatchNorm``,
+        ``None`` means the default group, as in its own forward.
+        """
+        # A plain attribute: read from __dict__, as getattr of a missing one goes through
+        # nn.Module.__getattr__'s exception (6 us per BN, 1 ms per DenseNet-201 forward).
+        group = vars(bn).get("process_group")
+        if group is None and isinstance(bn, torch.nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        return cls(
+            bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, group
+        )
 
     @property
     def num_features(self) -> int | None:
@@ -283,6 +337,52 @@ def _training_coefficients(
     return scale, b, -scale * sum_g / m - b * mean
 
 
+# ----------------------------------------------------------------------------- synchronized BN
+def _sync_group(norms: Sequence[BatchNormParams], training: bool) -> object | None:
+    """The process group the batch statistics of ``norms`` are synchronized over, or ``None``.
+
+    ``None`` (local statistics, no collective) unless training with a group of more than one
+    rank, as ``fastblocks.nn.BatchNorm2d``. The norms of one fused node share statistics
+    (each chunk's statistics feed every later norm1), so they must share one group.
+    """
+    if not training:
+        return None
+    group = norms[0].process_group
+    for bn in norms[1:]:
+        if bn.process_group is not group:
+            raise ValueError(
+                "the BatchNorms of one fused DenseNet node must share one process_group (their batch "
+                "statistics are shared): convert the whole model with fastblocks.nn.convert_sync_batchnorm"
+            )
+    if group is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+        return None
+    return group
+
+
+def _global_stats(
+    mean: torch.Tensor, var: torch.Tensor, count: int, group: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased var) ``[C]`` and the total count (0-d) over the batches of every rank of ``group``.
+
+    One ``all_gather`` of each rank's ``[3, C]`` (count, mean, M2 = var count), combined with
+    Chan et al.'s formula as ``fastblocks.ops.batchnorm._SyncBatchNormAct`` does: exact and stable,
+    unlike all-reducing Σx and Σx². The count stays a tensor: no host synchronization.
+    """
+    local = torch.stack([torch.full_like(mean, count), mean, var * count])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    parts = torch.stack(gathered, dim=1)  # [3, world, C]
+    g_mean, g_var = _combine_partials(parts[0], parts[1], parts[2])
+    return g_mean, g_var, parts[0, :, 0].sum()
+
+
+def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, group: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_ranks a, Σ_ranks b)`` for two ``[C]`` vectors, in one ``all_reduce``."""
+    both = torch.stack([a, b])
+    dist.all_reduce(both, group=group)
+    return both[0], both[1]
+
+
 # ----------------------------------------------------------------------------- dense block
 def _block_forward(
     x: torch.Tensor,
@@ -290,11 +390,17 @@ def _block_forward(
     params: Sequence[torch.Tensor | None],
     running: Sequence[torch.Tensor | None],
     save_rng: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Forward of the block; returns (buf, mean1, var1, mean2, var2, rng_states).
+    group: object | None = None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None
+]:
+    """Forward of the block; returns (buf, mean1, var1, mean2, var2, rng_states, total).
 
     Training: ``mean1/var1`` ``[C0 + (L-1) k]`` are the chunk statistics (the last chunk's are
     not needed by the block), ``mean2/var2`` ``[L, B]`` the bottlenecks'. Eval: empty.
+    With a ``group`` every statistic is global (:func:`_global_stats`, one all_gather when the
+    chunk or bottleneck is produced: ``2 L`` in all) and ``total`` is the global count per
+    channel (0-d tensor); without, ``total`` is ``None``.
     """
     n, c0, h, w = x.shape
     nl, k = cfg.num_layers, cfg.growth_rate
@@ -304,12 +410,15 @@ def _block_forward(
     buf = torch.empty((n, c0 + nl * k, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(cl))
     buf[:, :c0].copy_(x)
     bott_ch = params[2].shape[0]
+    count, total = n * h * w, None
     if cfg.training:
         mean1 = torch.empty(c0 + (nl - 1) * k, dtype=sd, device=x.device)
         var1 = torch.empty_like(mean1)
         mean2 = torch.empty((nl, bott_ch), dtype=sd, device=x.device)
         var2 = torch.empty_like(mean2)
         m, v = kern.stats(x, cl)
+        if group is not None:
+            m, v, total = _global_stats(m, v, count, group)
         mean1[:c0].copy_(m)
         var1[:c0].copy_(v)
     else:
@@ -326,6 +435,8 @@ def _block_forward(
         bott = F.conv2d(kern.apply(buf[:, :ci], s1, t1, None, True, cl), w1)
         if cfg.training:
             m2, v2 = kern.stats(bott, cl)
+            if group is not None:
+                m2, v2, _ = _global_stats(m2, v2, count, group)
             mean2[i].copy_(m2)
             var2[i].copy_(v2)
         else:
@@ -339,16 +450,33 @@ def _block_forward(
             y = F.dropout(y, cfg.drop_rate, True)
         if cfg.training and i < nl - 1:
             m, v = kern.stats(y, cl)
+            if group is not None:
+                m, v, _ = _global_stats(m, v, count, group)
             mean1[ci : ci + k].copy_(m)
             var1[ci : ci + k].copy_(v)
         buf[:, ci : ci + k].copy_(y)
-    return buf, mean1, var1, mean2, var2, rng
+    return buf, mean1, var1, mean2, var2, rng, total
 
 
 def _fold_stats_grad(
-    kern, g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, gmu: torch.Tensor, gvar: torch.Tensor, m: int, cl: bool
+    kern,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    gmu: torch.Tensor,
+    gvar: torch.Tensor,
+    m: int | torch.Tensor,
+    cl: bool,
+    group: object | None = None,
 ) -> None:
-    """``g += gmu/M + (2 gvar/M)(x - mean)`` in place: the gradient through a chunk's statistics."""
+    """``g += gmu/M + (2 gvar/M)(x - mean)`` in place: the gradient through a chunk's statistics.
+
+    With a ``group``, ``gmu``/``gvar`` are this rank's shares of ``∂L/∂mu``, ``∂L/∂var`` (sums
+    over its pixels); the global statistics depend on every rank's chunk, so the shares are
+    summed over the ranks first and ``M`` is the global count.
+    """
+    if group is not None:
+        gmu, gvar = _all_reduce_pair(gmu, gvar, group)
     b = 2.0 * gvar / m
     c = gmu / m - b * mean
     one = torch.ones_like(b)
@@ -359,15 +487,18 @@ class _DenseBlockFunction(torch.autograd.Function):
     """The whole dense block as one autograd node (see the module docstring for the math)."""
 
     @staticmethod
-    def forward(ctx, x, cfg: _BlockConfig, *tensors):
+    def forward(ctx, x, cfg: _BlockConfig, group, *tensors):
         nparams = cfg.num_layers * _PER_LAYER
         params, running = tensors[:nparams], tensors[nparams:]
-        buf, mean1, var1, mean2, var2, rng = _block_forward(x, cfg, params, running, save_rng=True)
+        buf, mean1, var1, mean2, var2, rng, total = _block_forward(x, cfg, params, running, True, group)
         ctx.cfg, ctx.c0, ctx.channels_last = cfg, x.shape[1], is_channels_last(x)
+        ctx.group, ctx.total = group, total  # total: not an input, no grad_fn (no reference cycle)
         ctx.has_param = [t is not None for t in params]
         ctx.save_for_backward(buf, mean1, var1, mean2, var2, *params, *running, *rng)
         ctx.mark_non_differentiable(mean1, var1, mean2, var2)
-        return buf, mean1, var1, mean2, var2
+        if total is not None:
+            ctx.mark_non_differentiable(total)
+        return buf, mean1, var1, mean2, var2, total
 
     @staticmethod
     def backward(ctx, grad_buf, *_stats_grads):
@@ -383,7 +514,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         kern = kernels_for("dense_block", buf.device)
         sd = _compute_dtype(buf.dtype)
         n, _, h, w = buf.shape
-        m = n * h * w
+        group = ctx.group
+        m = n * h * w if group is None else ctx.total  # the count behind the statistics
         grads: list[torch.Tensor | None] = [None] * (nparams + nrun)
         with _no_autocast(buf.device.type):
             g = torch.empty_like(buf)  # the one gradient buffer
@@ -396,7 +528,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 out = slice(ci, ci + k)
                 if cfg.training and i < nl - 1:
                     # Layers i+1.. (every consumer of chunk i+1) are done: finish its gradient.
-                    _fold_stats_grad(kern, g[:, out], buf[:, out], mean1[out], gmu[out], gvar[out], m, cl)
+                    _fold_stats_grad(kern, g[:, out], buf[:, out], mean1[out], gmu[out], gvar[out], m, cl, group)
                 dy = g[:, out]
                 if cfg.training and cfg.drop_rate > 0:
                     dy = dy * _dropout_noise(rng[i], dy, cfg.drop_rate, cl)
@@ -416,7 +548,10 @@ class _DenseBlockFunction(torch.autograd.Function):
                 # norm2 + relu2: training-mode BN backward (its statistics depend on bott only).
                 sg2, sgx2 = kern.bwd_reduce(da2, bott, m2, s2, t2, None, True, cl)
                 if cfg.training:
-                    ca, cb, cc = _training_coefficients(s2, inv2, m2, sg2, sgx2, m)
+                    # Synchronized: dbott needs the sums over the global batch (parameter
+                    # gradients keep the local ones, as nn.SyncBatchNorm: DDP averages them).
+                    sums2 = (sg2, sgx2) if group is None else _all_reduce_pair(sg2, sgx2, group)
+                    ca, cb, cc = _training_coefficients(s2, inv2, m2, *sums2, m)
                 else:
                     ca, cb, cc = s2, torch.zeros_like(s2), torch.zeros_like(s2)
                 dbott = kern.bwd_apply(da2, bott, s2, t2, None, ca, cb, cc, True, cl)
@@ -437,9 +572,9 @@ class _DenseBlockFunction(torch.autograd.Function):
                     if has:
                         grads[base + j] = gr.to(params[base + j].dtype)
             if cfg.training:
-                _fold_stats_grad(kern, g[:, :c0], buf[:, :c0], mean1[:c0], gmu[:c0], gvar[:c0], m, cl)
+                _fold_stats_grad(kern, g[:, :c0], buf[:, :c0], mean1[:c0], gmu[:c0], gvar[:c0], m, cl, group)
             dx = g[:, :c0].contiguous(memory_format=memory_format(cl))
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
 def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerParams], training: bool) -> tuple[int, int]:
@@ -515,10 +650,16 @@ def dense_block(
             exactly once (``num_batches_tracked`` too); else use the running statistics.
         drop_rate: dropout probability after each layer (training only), as torchvision.
 
+    Synchronized BatchNorm: when the norms carry a ``process_group`` (all the same one) with more
+    than one rank and ``training``, ``x`` is this rank's share of the batch and every batch
+    statistic is that of the global batch (``2 L`` all_gathers of small ``[3, C]`` vectors
+    forward, ``2 L`` all-reduces of ``[2, C]`` backward; see the module docstring).
+
     Returns:
         ``[N, C0 + L*k, H, W]`` in x's dtype (the autocast dtype under autocast) and layout.
     """
     k, _ = _check_block(x, layers, training)
+    group = _sync_group([bn for p in layers for bn in (p.norm1, p.norm2)], training)
     cd = _compute_dtype_of(x)
     flat: list[torch.Tensor | None] = []
     for i, p in enumerate(layers):
@@ -541,11 +682,11 @@ def dense_block(
     xc = x.to(cd)
     with _no_autocast(x.device.type):
         if _needs_graph([xc, *flat]):
-            buf, mean1, var1, mean2, var2 = _DenseBlockFunction.apply(xc, cfg, *flat, *running)
+            buf, mean1, var1, mean2, var2, total = _DenseBlockFunction.apply(xc, cfg, group, *flat, *running)
         else:
-            buf, mean1, var1, mean2, var2, _ = _block_forward(xc, cfg, flat, running, save_rng=False)
+            buf, mean1, var1, mean2, var2, _, total = _block_forward(xc, cfg, flat, running, False, group)
     if training:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
+        count = x.shape[0] * x.shape[2] * x.shape[3] if total is None else total
         _update_block_running_stats(layers, (mean1, var1, mean2, var2), x.shape[1], k, count)
     return buf
 
@@ -556,7 +697,7 @@ def _update_block_running_stats(
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     c0: int,
     k: int,
-    count: int,
+    count: int | torch.Tensor,
 ) -> None:
     """Every norm1/norm2 once, as ``nn.BatchNorm2d``: norm1 of layer i sees the prefix's stats.
 
@@ -565,7 +706,11 @@ def _update_block_running_stats(
     kernels each: DenseNet-201 has 196 BatchNorms in its dense blocks.
     """
     mean1, var1, mean2, var2 = stats
-    correction = count / max(count - 1, 1)  # running_var stores the unbiased variance
+    # running_var stores the unbiased variance. A synchronized count is a 0-d tensor: no host sync.
+    if isinstance(count, torch.Tensor):
+        correction = count / (count - 1).clamp_min(1)
+    else:
+        correction = count / max(count - 1, 1)
     unbiased1, unbiased2 = var1 * correction, var2 * correction
     groups: dict[tuple[float, torch.dtype], list[list[torch.Tensor]]] = {}
     counters: list[torch.Tensor] = []
@@ -599,28 +744,46 @@ def _update_block_running_stats(
 
 
 # ----------------------------------------------------------------------------- transition
+def _dx_sums(
+    ctx, sum_g: torch.Tensor, sum_gx: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """``(Σg', Σg'(x-mu), M)`` behind a training BN's dx: this rank's, or summed over ``ctx.group``.
+
+    The parameter gradients keep the local sums (as ``nn.SyncBatchNorm``: DDP averages them).
+    """
+    if ctx.group is None:
+        return sum_g, sum_gx, x.numel() // x.shape[1]
+    return (*_all_reduce_pair(sum_g, sum_gx, ctx.group), ctx.total)
+
+
 class _TransitionFunction(torch.autograd.Function):
     """BN-ReLU-avgpool(2)-conv1x1 as one node; saves x and the statistics, recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, x, training: bool, eps: float, weight, bias, conv_weight, running_mean, running_var):
+    def forward(ctx, x, training: bool, eps: float, weight, bias, conv_weight, running_mean, running_var, group):
         cl = is_channels_last(x)
         kern = kernels_for("dense_transition", x.device)
         sd = _compute_dtype(x.dtype)
+        total = None
         if training:
             mean, var = kern.stats(x, cl)
+            if group is not None:
+                mean, var, total = _global_stats(mean, var, x.numel() // x.shape[1], group)
         else:
             mean, var = running_mean.to(sd), running_var.to(sd)
         scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
         pooled = F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
         out = F.conv2d(pooled, conv_weight)
         ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
+        ctx.group, ctx.total = group, total
         ctx.save_for_backward(x, weight, bias, conv_weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        if total is not None:
+            ctx.mark_non_differentiable(total)
+        return out, mean, var, total
 
     @staticmethod
-    def backward(ctx, grad_out, _gm, _gv):
+    def backward(ctx, grad_out, _gm, _gv, _gt):
         x, weight, bias, conv_weight, mean, var = ctx.saved_tensors
         cl = ctx.channels_last
         kern = kernels_for("dense_transition", x.device)
@@ -634,13 +797,13 @@ class _TransitionFunction(torch.autograd.Function):
             del dpooled
             sum_g, sum_gx = kern.bwd_reduce(da, x, mean, scale, shift, None, True, cl)
             if ctx.training:
-                a, b, c = _training_coefficients(scale, invstd, mean, sum_g, sum_gx, x.numel() // x.shape[1])
+                a, b, c = _training_coefficients(scale, invstd, mean, *_dx_sums(ctx, sum_g, sum_gx, x))
             else:
                 a, b, c = scale, torch.zeros_like(scale), torch.zeros_like(scale)
             dx = kern.bwd_apply(da, x, scale, shift, None, a, b, c, True, cl)
         dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
         dbias = None if bias is None else sum_g.to(bias.dtype)
-        return dx, None, None, dweight, dbias, dconv, None, None
+        return dx, None, None, dweight, dbias, dconv, None, None, None
 
 
 def dense_transition_reference(
@@ -662,7 +825,9 @@ def dense_transition(
 
     Args:
         x: ``[N, C, H, W]`` (H, W >= 2), NCHW or channels_last; typically a block's buffer.
-        norm: the BatchNorm over ``C`` (running buffers updated once in training).
+        norm: the BatchNorm over ``C`` (running buffers updated once in training); with a
+            ``process_group`` of several ranks its training statistics are the global batch's
+            (one all_gather forward, one all-reduce backward; see the module docstring).
         conv_weight: ``[C_out, C, 1, 1]``.
         training: batch statistics (and running-stat update) or running statistics.
 
@@ -686,14 +851,17 @@ def dense_transition(
     w = _cast_weight(conv_weight, x, cd, "conv_weight")
     xc = x.to(cd)
     rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
+    group = _sync_group([norm], training)
     with _no_autocast(x.device.type):
-        out, mean, var = _TransitionFunction.apply(xc, training, float(norm.eps), norm.weight, norm.bias, w, rm, rv)
+        out, mean, var, total = _TransitionFunction.apply(
+            xc, training, float(norm.eps), norm.weight, norm.bias, w, rm, rv, group
+        )
     if training and norm.running_mean is not None:
-        _update_running(norm, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+        _update_running(norm, mean, var, x.shape[0] * x.shape[2] * x.shape[3] if total is None else total)
     return out
 
 
-def _update_running(norm: BatchNormParams, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+def _update_running(norm: BatchNormParams, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
     """One BatchNorm's training-forward update (``num_batches_tracked`` first, as nn.BatchNorm2d)."""
     if norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
@@ -705,24 +873,30 @@ class _StemFunction(torch.autograd.Function):
     """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node; saves x (the network input) and the statistics."""
 
     @staticmethod
-    def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var):
+    def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var, group):
         kern = kernels_for("dense_transition", x.device)
         c = F.conv2d(x, conv_weight, stride=2, padding=3)
         cl = is_channels_last(c)
         sd = _compute_dtype(c.dtype)
+        total = None
         if training:
             mean, var = kern.stats(c, cl)
+            if group is not None:
+                mean, var, total = _global_stats(mean, var, c.numel() // c.shape[1], group)
         else:
             mean, var = running_mean.to(sd), running_var.to(sd)
         scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
         out = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1)
         ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
+        ctx.group, ctx.total = group, total
         ctx.save_for_backward(x, conv_weight, weight, bias, mean, var)
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        if total is not None:
+            ctx.mark_non_differentiable(total)
+        return out, mean, var, total
 
     @staticmethod
-    def backward(ctx, grad_out, _gm, _gv):
+    def backward(ctx, grad_out, _gm, _gv, _gt):
         x, conv_weight, weight, bias, mean, var = ctx.saved_tensors
         cl = ctx.channels_last
         kern = kernels_for("dense_transition", x.device)
@@ -737,7 +911,7 @@ class _StemFunction(torch.autograd.Function):
             del a, idx
             sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
             if ctx.training:
-                ca, cb, cc = _training_coefficients(scale, invstd, mean, sum_g, sum_gx, c.numel() // c.shape[1])
+                ca, cb, cc = _training_coefficients(scale, invstd, mean, *_dx_sums(ctx, sum_g, sum_gx, c))
             else:
                 ca, cb, cc = scale, torch.zeros_like(scale), torch.zeros_like(scale)
             dc = kern.bwd_apply(da, c, scale, shift, None, ca, cb, cc, True, cl)
@@ -748,7 +922,7 @@ class _StemFunction(torch.autograd.Function):
             )  # fmt: skip
         dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
         dbias = None if bias is None else sum_g.to(bias.dtype)
-        return dx, None, None, dconv, dweight, dbias, None, None
+        return dx, None, None, dconv, dweight, dbias, None, None, None
 
 
 def stem_reference(
@@ -775,7 +949,8 @@ def stem_conv_bn_relu_pool(
     Args:
         x: ``[N, C_in, H, W]`` (NCHW or channels_last); the network input.
         conv_weight: ``[C, C_in, 7, 7]``.
-        norm: the BatchNorm over ``C`` (running buffers updated once in training).
+        norm: the BatchNorm over ``C`` (running buffers updated once in training); synchronized
+            over its ``process_group`` as :func:`dense_transition`.
         training: batch statistics (and running-stat update) or running statistics.
 
     Returns:
@@ -794,8 +969,11 @@ def stem_conv_bn_relu_pool(
     w = _cast_weight(conv_weight, x, cd, "conv_weight")
     xc = x.to(cd)
     rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
+    group = _sync_group([norm], training)
     with _no_autocast(x.device.type):
-        out, mean, var = _StemFunction.apply(xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv)
+        out, mean, var, total = _StemFunction.apply(
+            xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv, group
+        )
     if training and norm.running_mean is not None:
-        _update_running(norm, mean, var, x.shape[0] * h1 * w1)
+        _update_running(norm, mean, var, x.shape[0] * h1 * w1 if total is None else total)
     return out

@@ -35,7 +35,6 @@ import random
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,21 +220,6 @@ def _topk_correct(logits: torch.Tensor, target: torch.Tensor, k5: int) -> tuple[
     return hit[:, 0].sum(), hit.any(dim=1).sum()
 
 
-def _warn_unsynced_fused_densenet(model: nn.Module) -> None:
-    try:
-        from fastblocks.models import densenet
-    except ImportError:
-        return
-    fused_parts = tuple(getattr(densenet, n) for n in ("_FusedDenseBlock", "_FusedTransition") if hasattr(densenet, n))
-    if fused_parts and any(isinstance(m, fused_parts) for m in model.modules()):
-        warnings.warn(
-            "the fused DenseNet dense blocks and transitions compute their BatchNorm statistics inside one "
-            "autograd node per block, on each rank's local batch: they are not synchronized across ranks "
-            "(the other BatchNorm layers are). Use --eager for fully synchronized BatchNorm.",
-            stacklevel=3,
-        )
-
-
 class _Log:
     def __init__(self, info: fdist.DistInfo, log: Callable[[str], None] | None) -> None:
         self.main = info.is_main
@@ -321,9 +305,9 @@ def _train(
     if info.distributed:
         from fastblocks.nn.batchnorm import convert_sync_batchnorm
 
+        # Also the BatchNorms inside the fused DenseNet nodes (blocks, transitions, stem): they read
+        # the group from their modules and all-reduce their statistics (fastblocks/ops/dense_block.py).
         raw = model = convert_sync_batchnorm(model, torch.distributed.group.WORLD)
-        if world > 1 and info.is_main:
-            _warn_unsynced_fused_densenet(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     optimizer = make_optimizer(
