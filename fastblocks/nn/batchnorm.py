@@ -132,12 +132,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group: object | None = Non
         module.process_group = process_group
         return module
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        # The new module takes the old one's device and floating dtype (an fp64 or bf16 model stays so).
+        like = next((t for t in module.state_dict().values() if t.is_floating_point()), None)
+        factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
         new = BatchNorm2d(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            process_group=process_group,
+            process_group=process_group, **factory,
         )  # fmt: skip
         new.load_state_dict(module.state_dict())
-        new.to(device=next(iter(module.state_dict().values())).device if module.state_dict() else None)
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -219,3 +219,14 @@ def test_sync_batchnorm_with_gloo_matches_single_process(tmp_path):
         for key, value in bn.state_dict().items():
             if "running" in key or "tracked" in key:
                 torch.testing.assert_close(p["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_convert_sync_batchnorm_keeps_dtype(dtype):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).to(dtype)
+    model[1].weight.data.uniform_(0.5, 1.5)
+    want = model[1].weight.detach().clone()
+    converted = convert_sync_batchnorm(model, process_group=None)
+    assert isinstance(converted[1], BatchNorm2d)
+    assert converted[1].weight.dtype == dtype and converted[1].running_var.dtype == dtype
+    assert torch.equal(converted[1].weight.detach(), want)
