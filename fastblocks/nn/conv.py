@@ -3,6 +3,11 @@
 Models keep their BatchNorm and Conv2d as separate attributes (so the state_dict keys are
 torchvision's: ``norm1``/``conv1``, ``bn1``/``conv2``, ...) and call the functional
 :func:`bn_relu_conv` on the pair.
+
+Two orders: pre-activation ``conv(relu(bn(x)))`` (:func:`bn_relu_conv`, :class:`BNReLUConv2d`:
+the BN-ReLU is the convolution's prologue) and post-activation ``relu(bn(conv(x)))``
+(:func:`conv_bn_relu`, :class:`ConvBNReLU2d`: PyTorch's convolution, then the fused
+BatchNorm-ReLU op, which keeps only the conv output for backward).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastblocks.ops.batchnorm import bn_stats, update_running_stats
+from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
+from fastblocks.nn.fold import FoldedConv2d
+from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act, update_running_stats
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d
 
 
@@ -102,3 +109,168 @@ class BNReLUConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return bn_relu_conv(x, self.norm, self.conv)
+
+
+# ----------------------------------------------------------------------------- post-activation
+def _batch_norm_tail(y: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
+    """``act(bn(y))`` on the fused BatchNorm op, with ``nn.BatchNorm2d``'s running-stat rules."""
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if bn_training and y.numel() and y.numel() // y.shape[1] <= 1:
+        # Checked before num_batches_tracked moves, so a rejected batch leaves the buffers as they were.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    # In training without track_running_stats the buffers (if any) are neither used nor updated.
+    track = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if track else None
+    running_var = bn.running_var if track else None
+    kwargs = {"momentum": bn.momentum, "eps": bn.eps, "relu": relu, "num_batches_tracked": bn.num_batches_tracked}
+    if isinstance(bn, FastBatchNorm2d) and bn._sync():
+        # convert_sync_batchnorm gave this BN a process group: statistics of the global batch.
+        return sync_batch_norm_act(
+            y, bn.weight, bn.bias, running_mean, running_var, process_group=bn.process_group, **kwargs
+        )
+    return batch_norm_act(y, bn.weight, bn.bias, running_mean, running_var, training=bn_training, **kwargs)
+
+
+def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True) -> torch.Tensor:
+    """``relu(bn(conv(x)))`` keeping neither the BatchNorm output nor the ReLU output for backward.
+
+    The convolution is PyTorch's (``conv(x)``: cuDNN/oneDNN; under autocast it runs in the
+    autocast dtype, as eager does); BatchNorm (+ ReLU) is :func:`fastblocks.ops.batchnorm.batch_norm_act`,
+    which rebuilds the ReLU mask from the conv output in backward. ``bn``'s running buffers are
+    updated once, as ``nn.BatchNorm2d`` updates them (``num_batches_tracked``, ``momentum=None``,
+    eval, ``track_running_stats=False``, ``affine=False``).
+
+    Args:
+        x: ``[N, C_in, H, W]`` (NCHW or channels_last).
+        conv: a Conv2d ``C_in -> C_out`` (any padding mode, groups, dilation; bias or not).
+        bn: a BatchNorm2d over ``C_out`` (``torch.nn`` or fastblocks; a fastblocks one given a
+            ``process_group`` synchronizes its statistics in training).
+        relu: apply ReLU after the normalization.
+
+    Returns:
+        ``[N, C_out, H_out, W_out]`` in the convolution's output dtype (the autocast dtype under
+        autocast) and layout (channels_last when x is).
+
+    Raises:
+        TypeError: x is not a tensor.
+        ValueError: x is not 4-D or has the wrong channel count (naming ``x``), or a training
+            batch has one value per channel (nn.BatchNorm2d's message; unlike eager, the
+            rejected batch does not count in ``num_batches_tracked``).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"conv_bn_relu expects x to be a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels but the convolution expects in_channels={conv.in_channels}")
+    return _batch_norm_tail(conv(x), bn, relu)
+
+
+class ConvBNReLU2d(nn.Module):
+    """Post-activation ``relu(bn(conv(x)))`` (ResNet stems and blocks, VGG-style layers).
+
+    Memory. Eager ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` keeps for backward the conv input
+    x, the conv output y (BatchNorm's input) and the ReLU output (in place or not: measured with
+    :func:`fastblocks.testing.saved_tensor_bytes`). This module keeps x, y and ``[C_out]`` batch
+    statistics: per output element 4 B instead of 8 B in fp32 (2 B instead of 4 B in bf16), plus
+    x in both. ``tests/nn/test_conv_bn_relu.py::test_saves_x_y_and_vectors_only`` measures it.
+
+    State dict. ``conv.weight`` (``conv.bias``), ``bn.weight``, ``bn.bias``, ``bn.running_mean``,
+    ``bn.running_var``, ``bn.num_batches_tracked``: a Conv2d's and a BatchNorm2d's entries
+    under ``conv.``/``bn.``. The same layers as ``nn.Sequential(conv, bn, relu)`` have the keys
+    ``0.*`` (conv) and ``1.*`` (bn); map ``0.`` -> ``conv.``, ``1.`` -> ``bn.``, or build one
+    around the existing layers with :meth:`from_modules` (no copy).
+
+    Statistics epilogue: not used. The Triton implicit-GEMM convolution of
+    :mod:`fastblocks.ops.bn_relu_conv` can produce the per-channel sums a following BatchNorm
+    needs, but it is a convolution with a BN-ReLU *prologue* (``conv(relu(x*scale + shift))``);
+    here the convolution's input is not normalized, and no plain convolution with a statistics
+    epilogue exists yet, so the BatchNorm runs its own statistics pass over y on every backend.
+    A conv + statistics-epilogue kernel for this module is GPU work pending (issue #10).
+
+    Inference: :meth:`fold_bn_` (called by :func:`fastblocks.fold_bn`) folds the BatchNorm into
+    the convolution (:class:`fastblocks.nn.fold.FoldedConv2d`, one conv + bias + ReLU call).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv2d`` (bias defaults to False: a BatchNorm follows).
+        eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d``.
+        relu: apply ReLU after the BatchNorm (``False``: conv + BN only).
+
+    Shapes: ``[N, C_in, H, W] -> [N, C_out, H_out, W_out]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        relu: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.bn = nn.BatchNorm2d(
+            out_channels, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats
+        )
+        self.relu = relu
+        self.folded: FoldedConv2d | None = None
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True) -> ConvBNReLU2d:
+        """A ConvBNReLU2d around ``conv`` and ``bn`` themselves (parameters and buffers shared, not copied).
+
+        ``ConvBNReLU2d.from_modules(seq[0], seq[1])`` turns an eager
+        ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` into the fused module; optimizers holding
+        the layers' parameters keep working. The module starts in ``bn``'s training mode.
+
+        Raises:
+            TypeError: ``conv`` is not an ``nn.Conv2d`` or ``bn`` not an ``nn.BatchNorm2d``.
+            ValueError: ``bn.num_features`` differs from ``conv.out_channels``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but conv has out_channels={conv.out_channels}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.conv, module.bn, module.relu, module.folded = conv, bn, relu, None
+        module.train(bn.training)
+        return module
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}" + (", folded" if self.folded is not None else "")
+
+    @torch.no_grad()
+    def fold_bn_(self) -> None:
+        """Fold the BatchNorm into the convolution, in place, for inference.
+
+        Afterwards ``conv`` and ``bn`` are gone and ``folded`` (a
+        :class:`~fastblocks.nn.fold.FoldedConv2d` holding ``W' = W s``, ``b' = (b - μ) s + β``,
+        ``s = γ / sqrt(σ² + eps)``) computes ``relu(bn_eval(conv(x)))`` in one call; the
+        state_dict becomes ``folded.weight``/``folded.bias``. A BatchNorm without running
+        statistics (``track_running_stats=False``) normalizes with batch statistics even in
+        eval and cannot be folded: the module is then left as it is. Calling it again is a no-op.
+        """
+        if self.folded is not None or self.bn.running_mean is None or self.bn.running_var is None:
+            return
+        self.folded = FoldedConv2d(self.conv, self.bn, relu=self.relu)
+        del self.conv, self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded is not None:
+            return self.folded(x)
+        return conv_bn_relu(x, self.conv, self.bn, relu=self.relu)
