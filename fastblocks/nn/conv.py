@@ -19,6 +19,7 @@ from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.fold import FoldedConv2d
 from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act, update_running_stats
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d
+from fastblocks.ops.bn_relu_conv_bn_add_relu import bn_relu_conv_bn_add_relu2d
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -29,6 +30,87 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` with ``bn(x) = x * scale + shift``, as ``bn`` would normalize x.
+
+    Training (or no running buffers): batch statistics from ``bn_stats``, the running buffers
+    and ``num_batches_tracked`` updated once, exactly as ``nn.BatchNorm2d`` would; differentiable,
+    so gradients of scale and shift reach x through the statistics and bn's weight and bias.
+    Eval: the running statistics. An empty batch leaves the buffers alone, as ``nn.BatchNorm2d``.
+
+    Args:
+        x: ``[N, C, H, W]`` in the dtype the layer computes in.
+        bn: a BatchNorm2d over ``C`` channels.
+
+    Returns:
+        ``(scale, shift)``, each ``[C]`` float32 (float64 for float64 x).
+    """
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if use_batch and x.numel() == 0:
+        mean = var = torch.zeros(x.shape[1], dtype=cd, device=x.device)
+    elif use_batch:
+        if x.numel() // x.shape[1] == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean, var = bn_stats(x)
+        if bn.training and bn.track_running_stats:
+            update_running_stats(
+                bn.running_mean, bn.running_var, mean.detach(), var.detach(), x.numel() // x.shape[1],
+                bn.momentum, bn.num_batches_tracked,
+            )  # fmt: skip
+    else:
+        mean, var = bn.running_mean.to(cd), bn.running_var.to(cd)
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bn.bias is None else bn.bias.to(invstd.dtype) - mean * scale
+    return scale, shift
+
+
+def bn_relu_conv_bn_add_relu(
+    x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, bn_out: nn.BatchNorm2d, identity: torch.Tensor
+) -> torch.Tensor:
+    """``relu(bn_out(conv(relu(bn(x)))) + identity)``, the tail of a post-activation bottleneck,
+    keeping neither conv's input nor its output for backward (both recomputed from x; see
+    :mod:`fastblocks.ops.bn_relu_conv_bn_add_relu`). Running statistics of both BatchNorms
+    are updated once, as ``nn.BatchNorm2d`` would.
+
+    A BatchNorm that synchronizes over a process group in training, or a conv with a bias, runs
+    as :func:`bn_relu_conv` followed by the fused BN-add-ReLU instead.
+
+    Args:
+        x: ``[N, C_in, H, W]`` (NCHW or channels_last).
+        bn: BatchNorm2d over ``C_in``; conv: Conv2d ``C_in -> C_out`` with zero padding;
+        bn_out: BatchNorm2d over ``C_out``.
+        identity: ``[N, C_out, H_out, W_out]``, the shortcut.
+
+    Returns:
+        ``[N, C_out, H_out, W_out]``.
+    """
+    syncing = any(b.training and getattr(b, "process_group", None) is not None for b in (bn, bn_out))
+    if syncing or conv.bias is not None or x.dim() != 4:
+        y = conv(bn(x)) if bn.training and getattr(bn, "process_group", None) is not None else bn_relu_conv(x, bn, conv)
+        return _batch_norm_tail(y, bn_out, True, identity.to(y.dtype))
+    if x.shape[1] != bn.num_features:
+        raise ValueError(f"input has {x.shape[1]} channels but the BatchNorm expects {bn.num_features}")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("bn_relu_conv_bn_add_relu supports zero padding given as integers")
+    dtype = _autocast_dtype(x)
+    x = x.to(dtype)
+    scale, shift = batch_norm_affine(x, bn)
+    if bn_out.training and bn_out.track_running_stats and bn_out.num_batches_tracked is not None:
+        bn_out.num_batches_tracked.add_(1)
+    use_batch = bn_out.training or (bn_out.running_mean is None and bn_out.running_var is None)
+    track = not bn_out.training or bn_out.track_running_stats
+    return bn_relu_conv_bn_add_relu2d(
+        x, scale, shift, conv.weight.to(dtype), identity.to(dtype), bn_out.weight, bn_out.bias,
+        bn_out.running_mean if track else None, bn_out.running_var if track else None,
+        training=use_batch, momentum=bn_out.momentum, eps=bn_out.eps, num_batches_tracked=bn_out.num_batches_tracked,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+    )  # fmt: skip
 
 
 def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.Tensor:
@@ -55,24 +137,7 @@ def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.
         raise ValueError("bn_relu_conv supports zero padding given as integers")
     dtype = _autocast_dtype(x)
     x = x.to(dtype)
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if use_batch:
-        if x.numel() // max(x.shape[1], 1) <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        mean, var = bn_stats(x)
-        if bn.training and bn.track_running_stats:
-            update_running_stats(
-                bn.running_mean, bn.running_var, mean.detach(), var.detach(), x.numel() // x.shape[1],
-                bn.momentum, bn.num_batches_tracked,
-            )  # fmt: skip
-    else:
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean, var = bn.running_mean.to(cd), bn.running_var.to(cd)
-    invstd = torch.rsqrt(var + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bn.bias is None else bn.bias.to(invstd.dtype) - mean * scale
+    scale, shift = batch_norm_affine(x, bn)
     y = bn_relu_conv2d(
         x, scale, shift, conv.weight.to(dtype),
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
@@ -112,8 +177,10 @@ class BNReLUConv2d(nn.Module):
 
 
 # ----------------------------------------------------------------------------- post-activation
-def _batch_norm_tail(y: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
-    """``act(bn(y))`` on the fused BatchNorm op, with ``nn.BatchNorm2d``'s running-stat rules."""
+def _batch_norm_tail(
+    y: torch.Tensor, bn: nn.BatchNorm2d, relu: bool, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``act(bn(y) [+ residual])`` on the fused BatchNorm op, with ``nn.BatchNorm2d``'s running-stat rules."""
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if bn_training and y.numel() and y.numel() // y.shape[1] <= 1:
         # Checked before num_batches_tracked moves, so a rejected batch leaves the buffers as they were.
@@ -124,7 +191,10 @@ def _batch_norm_tail(y: torch.Tensor, bn: nn.BatchNorm2d, relu: bool) -> torch.T
     track = not bn.training or bn.track_running_stats
     running_mean = bn.running_mean if track else None
     running_var = bn.running_var if track else None
-    kwargs = {"momentum": bn.momentum, "eps": bn.eps, "relu": relu, "num_batches_tracked": bn.num_batches_tracked}
+    kwargs = {
+        "momentum": bn.momentum, "eps": bn.eps, "relu": relu, "residual": residual,
+        "num_batches_tracked": bn.num_batches_tracked,
+    }  # fmt: skip
     if isinstance(bn, FastBatchNorm2d) and bn._sync():
         # convert_sync_batchnorm gave this BN a process group: statistics of the global batch.
         return sync_batch_norm_act(
