@@ -203,6 +203,28 @@ def test_run_model_rows_and_skips():
     assert "| tinynet | 2 x 8 |" in model_table(rows)
 
 
+def test_folded_provider_runs_inference_only_on_the_folded_model():
+    cfg = model_bench.ModelConfig(batch_size=2, image_size=32, num_classes=10, timing=FAST)
+    state = fastblocks.models.resnet20(fused=False).state_dict()
+    model = model_bench.build_model(fastblocks.models.resnet20, "folded", state, torch.device("cpu"), cfg)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert model_bench.provider_modes("folded") == ("infer",)
+    assert model_bench.provider_modes("eager") == ("train", "infer")
+    cfg = model_bench.ModelConfig(batch_size=2, image_size=8, num_classes=10, timing=FAST)
+    rows = model_bench.run_model("tinynet", tiny_net, ["eager", "folded"], "cpu", cfg)
+    assert {(r["provider"], r["mode"]) for r in rows} == {("eager", "train"), ("eager", "infer"), ("folded", "infer")}
+    assert all(r["median_ms"] > 0 and r["flops"] > 0 for r in rows)
+
+
+def test_cli_bench_modes(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_bench, "load_models", lambda: (types.SimpleNamespace(resnet18=tiny_net), None))
+    base = ["bench", "--models", "resnet18", "--tiny", "--no-progress", "--no-charts", "--output", str(tmp_path)]
+    assert cli.main([*base, "--modes", "infer", "--providers", "eager,folded"]) == 0
+    rows = load_results(tmp_path / "models.json")["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {("eager", "infer"), ("folded", "infer")}
+    assert cli.main([*base, "--modes", "eval"]) == 2
+
+
 def test_load_models_reports_missing_builders(monkeypatch):
     monkeypatch.setattr(model_bench.importlib, "import_module", lambda name: types.ModuleType(name))
     module, reason = model_bench.load_models()
@@ -241,7 +263,7 @@ def test_cli_bench_models_and_fallback(tmp_path, capsys, monkeypatch):
     rows = load_results(tmp_path / "models.json")["rows"]
     assert {(r["batch_size"], r["provider"], r["mode"]) for r in rows} == {
         (b, p, m) for b in (2, 3) for p in ("eager", "fused") for m in ("train", "infer")
-    }
+    } | {(b, "folded", "infer") for b in (2, 3)}  # folded: a CPU default, inference only
     assert "checkpoint" in capsys.readouterr().out  # the skipped provider is named
     for chart in ("models_speedup.png", "models_memory.png", "models_memory_vs_batch.png"):
         assert (tmp_path / chart).exists()

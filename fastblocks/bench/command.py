@@ -86,8 +86,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--providers",
         type=_csv,
         default=None,
-        help="comma-separated subset of eager,compile,checkpoint,fused,fused-compile "
-        "(default: all on GPU; eager,checkpoint,fused on CPU, where compiling takes minutes)",
+        help="comma-separated subset of eager,compile,checkpoint,fused,fused-compile,folded "
+        "(folded: inference only; default: all on GPU; eager,checkpoint,fused,folded on CPU, where compiling "
+        "takes minutes)",
+    )
+    p.add_argument(
+        "--modes",
+        type=_csv,
+        default=None,
+        help="model-level modes, comma-separated subset of train,infer (default: both)",
     )
     p.add_argument("--output", default=None, help="results folder (default benchmarks/results/<device-slug>)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU (default: torch's)")
@@ -161,11 +168,16 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    providers = args.providers or (list(model_bench.PROVIDERS) if cuda else ["eager", "checkpoint", "fused"])
+    providers = args.providers or (list(model_bench.PROVIDERS) if cuda else ["eager", "checkpoint", "fused", "folded"])
     unknown = [p for p in providers if p not in model_bench.PROVIDERS]
     if unknown:
         print(f"fastblocks bench: unknown provider(s) {', '.join(unknown)}; "
               f"choose from {', '.join(model_bench.PROVIDERS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    modes = tuple(args.modes or model_bench.MODES)
+    if any(m not in model_bench.MODES for m in modes):
+        print(f"fastblocks bench: --modes must be a subset of {','.join(model_bench.MODES)}, got {args.modes}",
+              file=sys.stderr)  # fmt: skip
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     notes: list[str] = []
@@ -220,7 +232,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                     timing=_timing(device.type, True, True) if args.tiny else base.timing,
                 )
                 model_units.append((name, builder, cfg))
-    total = sum(len(m) for *_, m in op_units) + sum(len(providers) * len(model_bench.MODES) for _ in model_units)
+    model_cases = sum(len(model_bench.provider_modes(p, modes)) for p in providers)
+    total = sum(len(m) for *_, m in op_units) + model_cases * len(model_units)
     progress = _Progress(total, args.no_progress)
 
     # ------------------------------------------------------------------ measure
@@ -246,11 +259,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     model_rows: list[dict] = []
     for name, builder, cfg in model_units:
         ran = model_bench.run_model(
-            name, builder, providers, device, cfg, yardsticks=env,
+            name, builder, providers, device, cfg, yardsticks=env, modes=modes,
             on_skip=lambda m: (notes.append(m), progress.note(m)), progress=progress.step,
         )  # fmt: skip
         model_rows.extend(ran)
-        missing = len(providers) * len(model_bench.MODES) - len(ran)
+        missing = model_cases - len(ran)
         for _ in range(missing):
             progress.step(f"{name} skipped")
     progress.close()

@@ -9,6 +9,8 @@ checkpoint     the eager twin with ``memory_efficient=True`` (torchvision's chec
                DenseNet; models without that option skip it)
 fused          ``fastblocks.models.<name>(fused=True)``
 fused-compile  ``torch.compile`` of the fused model
+folded         inference only: :func:`fastblocks.fold_bn` of the eager model (BN folded into
+               the convolutions; conv + bias (+ residual) + ReLU in one oneDNN/cuDNN call)
 =============  ============================================================================
 
 Training step = ``zero_grad``, forward under autocast (when the dtype is not fp32), cross
@@ -39,8 +41,16 @@ from fastblocks.bench.timing import measure, synchronize
 
 MODELS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                            "densenet121", "densenet169", "densenet201")  # fmt: skip
-PROVIDERS: tuple[str, ...] = ("eager", "compile", "checkpoint", "fused", "fused-compile")
+PROVIDERS: tuple[str, ...] = ("eager", "compile", "checkpoint", "fused", "fused-compile", "folded")
 MODES: tuple[str, ...] = ("train", "infer")
+# Providers that apply to some modes only (the others run every mode): a folded model cannot train.
+_PROVIDER_MODES: dict[str, tuple[str, ...]] = {"folded": ("infer",)}
+
+
+def provider_modes(provider: str, modes: tuple[str, ...] = MODES) -> tuple[str, ...]:
+    """The modes of ``modes`` that ``provider`` runs (``folded``: ``infer`` only)."""
+    allowed = _PROVIDER_MODES.get(provider, MODES)
+    return tuple(m for m in modes if m in allowed)
 
 
 def load_models() -> tuple[object | None, str | None]:
@@ -134,6 +144,10 @@ def build_model(
         raise
     model.load_state_dict(state)
     model = model.to(device=device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    if provider == "folded":
+        from fastblocks.nn.fold import fold_bn
+
+        model = fold_bn(model, inplace=True)
     if provider.endswith("compile"):
         torch._dynamo.reset()  # a fresh cache per model: dynamo's limit would run later ones eagerly
         model = torch.compile(model)
@@ -236,7 +250,8 @@ def run_model(
     on_skip: Callable[[str], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Benchmark ``name`` under each provider; one row per (provider, mode) that ran.
+    """Benchmark ``name`` under each provider; one row per (provider, mode) that ran
+    (a provider runs the modes of :func:`provider_modes` only).
 
     Args:
         builder: ``builder(fused=bool[, memory_efficient=True][, num_classes=int]) -> nn.Module``.
@@ -252,6 +267,8 @@ def run_model(
     x, y = _inputs(cfg, device)
     rows = []
     for provider in providers:
+        if not provider_modes(provider, modes):
+            continue
         try:
             model = build_model(builder, provider, state, device, cfg)
         except NotImplementedError as exc:
@@ -259,7 +276,7 @@ def run_model(
                 on_skip(f"{name}/{provider}: skipped, {exc}")
             continue
         try:
-            for mode in modes:
+            for mode in provider_modes(provider, modes):
                 rows.append(_measure(name, provider, mode, model, x, y, cfg, device, flops[mode], yardsticks))
                 if progress:
                     progress(f"{name} {provider} {mode}")

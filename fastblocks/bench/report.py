@@ -14,7 +14,7 @@ from pathlib import Path
 from fastblocks.bench.env import summary_line
 from fastblocks.bench.results import iter_result_files, load_results
 
-_PROVIDER_ORDER = ("eager", "compile", "checkpoint", "fused", "fused-compile")
+_PROVIDER_ORDER = ("eager", "compile", "checkpoint", "fused", "fused-compile", "folded")
 _MODE_ORDER = ("fwd", "bwd", "full", "train", "infer")
 _LAYOUT_ORDER = ("nchw", "channels_last")
 MB = 1e6

@@ -104,13 +104,22 @@ class Fusable:
         """Attribute name -> fastblocks BatchNorm class it becomes in the fused form."""
         raise NotImplementedError
 
+    def _check_not_folded(self) -> None:
+        if getattr(self, "folded", False):
+            raise ValueError(
+                f"{type(self).__name__} is folded for inference (fastblocks.fold_bn): its BatchNorms are inside "
+                "its convolutions, so there is nothing to fuse or unfuse; switch the original model instead"
+            )
+
     def _fusable(self) -> bool:
         """Whether every norm layer to fuse is a BatchNorm2d (a custom ``norm_layer`` is not)."""
+        self._check_not_folded()
         return all(is_batchnorm2d(getattr(self, name)) for name in self._fused_norms())
 
     def _set_fused(self, fused: bool) -> None:
         """Switch this module (not its children) to the fused form or to the eager twin, in place."""
         assert isinstance(self, nn.Module)
+        self._check_not_folded()
         if fused and not self._fusable():
             kinds = sorted({type(getattr(self, n)).__name__ for n in self._fused_norms()})
             raise ValueError(

@@ -109,7 +109,7 @@ class CifarResNet(_ResNetBase):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
-        if self.block_variant != "preact":
+        if self.block_variant != "preact" and not self.folded:  # folded: bn1 and the ReLU are inside conv1
             x = self._bn_relu(self.bn1, x)
 
         x = self.layer1(x)

@@ -21,6 +21,15 @@ torchvision's exact forward, the reference every fused model is compared with.
 A custom ``norm_layer`` that does not build ``nn.BatchNorm2d`` layers (e.g. GroupNorm) builds the
 eager blocks whatever ``fused`` says (``model.fused`` is then ``False``).
 
+Inference: :func:`fastblocks.fold_bn` (each block's and model's ``fold_bn_()``) folds every
+BatchNorm that directly follows a convolution into it; for the default network every
+conv+BN(+ReLU) is then one :class:`~fastblocks.nn.fold.FoldedConv2d` call, the block tail
+``relu(bn_last(conv_last(.)) + shortcut)`` one call with the residual as a fused add
+(oneDNN's binary post-op on the CPU, cuDNN's conv-add-ReLU on CUDA), the projection shortcut
+one conv, and no BatchNorm is left. Per variant, see :meth:`BasicBlock.fold_bn_` and
+:meth:`PreActBasicBlock.fold_bn_`. A folded model is for inference only and its state_dict
+holds the folded weights, not torchvision's keys.
+
 Options beyond torchvision (keyword-only; the defaults give torchvision's network):
 
 - ``stride_on_1x1``: put a bottleneck's stride on its first 1x1 convolution, as the paper's
@@ -64,6 +73,8 @@ from torch.nn import functional as F
 from fastblocks.models._fusion import Fusable, fused_bn_relu_conv, set_fused
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.batchnorm import BatchNormReLU2d, BNAddReLU
+from fastblocks.nn.conv import bn_relu_conv_bn_add_relu
+from fastblocks.nn.fold import FoldedConv2d, FrozenBatchNorm2d, bn_scale_shift, fold_modules_, has_running_stats
 
 __all__ = [
     "BasicBlock",
@@ -146,10 +157,13 @@ class _ResidualBlock(Fusable, nn.Module):
     expansion: int = 1
     _last_bn: str = "bn2"  # the BN closing the residual branch (zero_init_residual sets its gamma)
 
+    _convs: tuple[str, ...] = ("conv1", "conv2")  # in forward order; conv_i is followed by bn_i
+
     # Set by __init__ of the subclasses.
     variant: str
     residual: bool
     downsample: nn.Module | None
+    folded: bool = False  # set by fold_bn_()
 
     def _fused_norms(self) -> dict[str, type[FastBatchNorm2d]]:
         norms: dict[str, type[FastBatchNorm2d]] = {
@@ -181,6 +195,80 @@ class _ResidualBlock(Fusable, nn.Module):
         if self.variant == "relu_before_add":
             return bn(out) + identity  # BatchNormReLU2d
         return bn(out, identity)  # BNAddReLU: relu(bn(out) + identity)
+
+    @torch.no_grad()
+    def fold_bn_(self) -> None:
+        """Fold every BatchNorm into the convolution before it, in place, for inference.
+
+        Each ``conv_i`` becomes a :class:`~fastblocks.nn.fold.FoldedConv2d` with ``bn_i`` (and the
+        ReLU after it) inside; the ``bn_i`` and ``relu`` modules are removed. The last one, per
+        variant (``s, t``: the last BN's ``x s + t``):
+
+        - ``original``: ``relu(conv_last'(h) + shortcut(x))``, one call (the residual is the
+          fused add); a projection shortcut (1x1 conv + BN) becomes one folded conv;
+        - ``bn_after_add``: ``relu(s (F + P x) + t) = relu(conv_last'(h) + (s P) x)``: exact, the
+          BN after the addition is folded into the last conv *and* the shortcut: the projection's
+          weights are scaled by ``s``, an identity shortcut is multiplied by ``s`` (the buffer
+          ``shortcut_scale``), then one call;
+        - ``relu_before_add``: ``relu(conv_last'(h)) + shortcut(x)``: one call, then the addition
+          (a ReLU before the add is not a post-op after it);
+        - plain (``residual=False``): ``relu(conv_last'(h))``, one call.
+
+        Works on the fused block and on its eager twin (same modules). When a BatchNorm has no
+        running statistics (``track_running_stats=False``, so eval normalizes with batch
+        statistics) nothing is folded. Calling it again is a no-op.
+        """
+        if self.folded:
+            return
+        bns = [getattr(self, "bn" + c[4:]) for c in self._convs]
+        projection = _projection(self.downsample)
+        if projection and projection[1] is not None:
+            bns.append(projection[1])
+        if not all(has_running_stats(bn) for bn in bns):
+            return
+        # bn_after_add: the last BN's scale s multiplies the shortcut too.
+        scale = (
+            bn_scale_shift(bns[len(self._convs) - 1])[0] if self.residual and self.variant == "bn_after_add" else None
+        )
+        for name in self._convs:
+            setattr(self, name, FoldedConv2d(getattr(self, name), getattr(self, "bn" + name[4:]), relu=True))
+            delattr(self, "bn" + name[4:])
+        if projection:
+            self.downsample = FoldedConv2d(*projection, relu=False)
+            if scale is not None:
+                self.downsample.scale_output_(scale)
+        elif self.downsample is not None:
+            fold_modules_(self.downsample)
+        if scale is not None and not projection:
+            self.register_buffer("shortcut_scale", scale.to(getattr(self, self._convs[-1]).weight.dtype))
+        if "relu" in self._modules:
+            del self._modules["relu"]
+        self.folded = True
+
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = x
+        for name in self._convs[:-1]:
+            out = getattr(self, name)(out)  # conv + BN + ReLU, one call
+        last = getattr(self, self._convs[-1])
+        if not self.residual:
+            return last(out)
+        if self.variant == "relu_before_add":
+            return last(out) + identity
+        scale = getattr(self, "shortcut_scale", None)  # bn_after_add with a parameter-free shortcut
+        if scale is not None:
+            identity = identity * scale.view(1, -1, 1, 1)
+        return last(out, identity)  # relu(conv + BN + residual), one call
+
+
+def _projection(shortcut: nn.Module | None) -> tuple[nn.Conv2d, nn.Module | None] | None:
+    """``(conv, bn or None)`` of a projection shortcut ``Sequential(Conv2d[, BatchNorm2d])``, else ``None``."""
+    if not isinstance(shortcut, nn.Sequential) or not 1 <= len(shortcut) <= 2:
+        return None
+    conv, bn = shortcut[0], shortcut[1] if len(shortcut) == 2 else None
+    if type(conv) is not nn.Conv2d or not (bn is None or isinstance(bn, nn.BatchNorm2d)):
+        return None
+    return conv, bn
 
 
 def _check_block_args(variant: str, allowed: tuple[str, ...], cls: str) -> None:
@@ -240,6 +328,8 @@ class BasicBlock(_ResidualBlock):
         self.fused = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return self._forward_folded(x)
         if self.fused:
             identity = x if self.downsample is None else self.downsample(x)
             out = fused_bn_relu_conv(self.conv1(x), self.bn1, self.conv2)
@@ -270,6 +360,7 @@ class Bottleneck(_ResidualBlock):
     expansion: int = 4
     _last_bn = "bn3"
     _relu_after = "bn3"
+    _convs = ("conv1", "conv2", "conv3")
 
     def __init__(
         self,
@@ -307,10 +398,16 @@ class Bottleneck(_ResidualBlock):
         self.fused = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return self._forward_folded(x)
         if self.fused:
             identity = x if self.downsample is None else self.downsample(x)
             out = self.conv1(x)
             out = fused_bn_relu_conv(out, self.bn1, self.conv2)
+            if self.residual and self.variant == "original":
+                # relu(bn3(conv3(relu(bn2(out)))) + identity) as one node: conv3's input and output
+                # (5 of the 12 units of a bottleneck's eager saved bytes) are recomputed in backward.
+                return bn_relu_conv_bn_add_relu(out, self.bn2, self.conv3, self.bn3, identity)
             out = fused_bn_relu_conv(out, self.bn2, self.conv3)
             return self._end_fused(out, identity, self.bn3)
 
@@ -344,11 +441,57 @@ class _PreActBlock(Fusable, nn.Module):
     _last_bn: str = "bn2"
     _relu_after = "bn1"
     variant = "preact"
+    _convs: tuple[str, ...] = ("conv1", "conv2")  # in forward order; conv_i is preceded by bn_i
     residual: bool
     downsample: nn.Module | None
+    folded: bool = False  # set by fold_bn_()
 
     def _fused_norms(self) -> dict[str, type[FastBatchNorm2d]]:
         return {n: BatchNormReLU2d for n in ("bn1", "bn2", "bn3") if hasattr(self, n)}
+
+    @torch.no_grad()
+    def fold_bn_(self) -> None:
+        """Fold what is exact, in place, for inference: ``bn_{i+1}`` into ``conv_i``.
+
+        ``conv_i`` -> ``bn_{i+1}`` -> ReLU -> ``conv_{i+1}``: ``bn_{i+1}`` (and the ReLU) fold
+        into ``conv_i`` (:class:`~fastblocks.nn.fold.FoldedConv2d`, one call). ``bn1`` cannot be
+        folded: the previous block's addition comes before it and a ReLU after it (``relu(x s +
+        t)`` is no affine map of ``relu(x)``), so it stays as an eval-mode fused BN-ReLU,
+        :class:`~fastblocks.nn.fold.FrozenBatchNorm2d`. The last convolution has no BN after it:
+        it runs with the shortcut as a fused add (no ReLU), ``conv_last(h) + shortcut``, one call;
+        a projection shortcut (a bare 1x1 conv) becomes a FoldedConv2d too. The ``bn_i`` and
+        ``relu`` modules are removed. Works on the fused block and on its eager twin. When a
+        BatchNorm has no running statistics nothing is folded. Calling it again is a no-op.
+        """
+        if self.folded:
+            return
+        bns = [getattr(self, f"bn{i + 1}") for i in range(len(self._convs))]
+        if not all(has_running_stats(bn) for bn in bns):
+            return
+        self.bn1 = FrozenBatchNorm2d(self.bn1, relu=True)
+        for i, name in enumerate(self._convs):
+            after = f"bn{i + 2}" if i + 1 < len(self._convs) else None
+            setattr(self, name, FoldedConv2d(getattr(self, name), getattr(self, after) if after else None,
+                                             relu=after is not None))  # fmt: skip
+            if after:
+                delattr(self, after)
+        projection = _projection(self.downsample)
+        if projection and projection[1] is None:
+            self.downsample = FoldedConv2d(projection[0], None, relu=False)
+        elif self.downsample is not None:
+            fold_modules_(self.downsample)
+        if "relu" in self._modules:
+            del self._modules["relu"]
+        self.folded = True
+
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        act = self.bn1(x)  # FrozenBatchNorm2d: eval BN + ReLU, one pass
+        identity = x if self.downsample is None else self.downsample(act)
+        out = act
+        for name in self._convs[:-1]:
+            out = getattr(self, name)(out)  # conv + next BN + ReLU, one call
+        last = getattr(self, self._convs[-1])
+        return last(out, identity) if self.residual else last(out)  # conv (+ shortcut), one call
 
     def _enter_fused(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(conv1's output, shortcut) of the fused form."""
@@ -414,6 +557,8 @@ class PreActBasicBlock(_PreActBlock):
         self.fused = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return self._forward_folded(x)
         if self.fused:
             out, identity = self._enter_fused(x)
             out = fused_bn_relu_conv(out, self.bn2, self.conv2)
@@ -436,6 +581,7 @@ class PreActBottleneck(_PreActBlock):
 
     expansion: int = 4
     _last_bn = "bn3"
+    _convs = ("conv1", "conv2", "conv3")
 
     def __init__(
         self,
@@ -471,6 +617,8 @@ class PreActBottleneck(_PreActBlock):
         self.fused = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return self._forward_folded(x)
         if self.fused:
             out, identity = self._enter_fused(x)
             out = fused_bn_relu_conv(out, self.bn2, self.conv2)
@@ -517,6 +665,7 @@ class _ResNetBase(Fusable, nn.Module):
     conv1: nn.Conv2d
     block_variant: str
     fused: bool
+    folded: bool = False  # set by fold_bn_()
 
     def _setup(
         self,
@@ -620,8 +769,36 @@ class _ResNetBase(Fusable, nn.Module):
         return {"bn_final" if self.block_variant == "preact" else "bn1": BatchNormReLU2d}
 
     def _bn_relu(self, bn: nn.Module, x: Tensor) -> Tensor:
-        # Fused: the BatchNormReLU2d applies the ReLU itself.
-        return bn(x) if self.fused else self.relu(bn(x))
+        # Fused: the BatchNormReLU2d applies the ReLU itself; folded: the FrozenBatchNorm2d does.
+        return bn(x) if self.fused or self.folded else self.relu(bn(x))
+
+    @torch.no_grad()
+    def fold_bn_(self) -> None:
+        """Fold the network for inference, in place: the stem and every block (see the module docstring).
+
+        The stem's ``conv1`` + ``bn1`` + ReLU become one :class:`~fastblocks.nn.fold.FoldedConv2d`
+        (``bn1`` and ``relu`` are removed); with ``block_variant="preact"`` the stem has no BN and
+        ``bn_final`` (BN-ReLU after the last addition, no convolution after it) stays as an
+        eval-mode :class:`~fastblocks.nn.fold.FrozenBatchNorm2d`. Blocks fold through their own
+        ``fold_bn_()``. A stem BatchNorm without running statistics is left as it is.
+        """
+        if self.folded:
+            return
+        stem_bn = getattr(self, "bn_final" if self.block_variant == "preact" else "bn1")
+        for name, child in list(self.named_children()):
+            if name not in ("conv1", "bn1", "bn_final"):
+                fold_modules_(child)
+        if not has_running_stats(stem_bn):
+            return
+        if self.block_variant == "preact":
+            self.conv1 = FoldedConv2d(self.conv1, None, relu=False)  # the oneDNN path with a packed weight
+            self.bn_final = FrozenBatchNorm2d(self.bn_final, relu=True)
+        else:
+            self.conv1 = FoldedConv2d(self.conv1, self.bn1, relu=True)
+            del self.bn1
+        if "relu" in self._modules:
+            del self._modules["relu"]
+        self.folded = True
 
     def _stages(self) -> list[nn.Module]:
         return [m for name, m in self.named_children() if name.startswith("layer")]
@@ -766,8 +943,8 @@ class ResNet(_ResNetBase):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
-        if self.block_variant != "preact":  # pre-activation: the first block normalizes
-            x = self._bn_relu(self.bn1, x)
+        if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes
+            x = self._bn_relu(self.bn1, x)  # folded: inside conv1
         x = self.maxpool(x)
 
         x = self.layer1(x)
