@@ -75,6 +75,7 @@ from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.batchnorm import BatchNormReLU2d, BNAddReLU
 from fastblocks.nn.conv import bn_relu_conv_bn_add_relu
 from fastblocks.nn.fold import FoldedConv2d, FrozenBatchNorm2d, bn_scale_shift, fold_modules_, has_running_stats
+from fastblocks.ops.dense_block import BatchNormParams, stem_conv_bn_relu_pool
 
 __all__ = [
     "BasicBlock",
@@ -941,11 +942,34 @@ class ResNet(_ResNetBase):
         self._init_weights(zero_init_residual)
         self._finish(fused)
 
+    def _fused_stem(self) -> bool:
+        """Whether the stem is torchvision's conv7x7/2 - BN - ReLU - maxpool3x3/2, run as one node."""
+        conv, pool = self.conv1, self.maxpool
+        return (
+            self.fused
+            and not self.folded
+            and self.block_variant != "preact"
+            and type(conv) is nn.Conv2d
+            and conv.bias is None
+            and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+            == ((7, 7), (2, 2), (3, 3), (1, 1), 1)
+            and isinstance(self.bn1, nn.BatchNorm2d)
+            and isinstance(pool, nn.MaxPool2d)
+            and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (3, 2, 1, 1, False)
+        )
+
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes
-            x = self._bn_relu(self.bn1, x)  # folded: inside conv1
-        x = self.maxpool(x)
+        if self._fused_stem():
+            # One node that keeps only the network input for backward; it recomputes the conv
+            # (3% of ResNet-50's forward MACs) instead of keeping its output, the ReLU output and
+            # the max-pool indices (at 224x224: more than every bottleneck of layer1 keeps).
+            norm = BatchNormParams.from_module(self.bn1)
+            x = stem_conv_bn_relu_pool(x, self.conv1.weight, norm, training=self.bn1.training)
+        else:
+            x = self.conv1(x)
+            if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes
+                x = self._bn_relu(self.bn1, x)  # folded: inside conv1
+            x = self.maxpool(x)
 
         x = self.layer1(x)
         x = self.layer2(x)

@@ -882,12 +882,16 @@ def _stats_setup_context(ctx, inputs, output) -> None:
 def _stats_backward(ctx, grad_mean, grad_var):
     # mean = Σx/M, var = Σ(x-μ)²/M  =>  dx = dmean/M + dvar 2(x-μ)/M: an affine map of x.
     x, mean = ctx.saved_tensors
+    scale, shift = _stats_backward_coefficients(x, mean, grad_mean, grad_var)
+    return _scale_shift_act_op(x, scale, shift, None, False)
+
+
+def _stats_backward_coefficients(x, mean, grad_mean, grad_var):
     m = x.numel() // x.shape[1]
     gm = torch.zeros_like(mean) if grad_mean is None else grad_mean.to(mean.dtype)
     gv = torch.zeros_like(mean) if grad_var is None else grad_var.to(mean.dtype)
     scale = 2.0 * gv / m
-    shift = gm / m - scale * mean
-    return _scale_shift_act_op(x, scale, shift, None, False)
+    return scale, gm / m - scale * mean
 
 
 _bn_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -903,7 +907,30 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``(mean, var)``, each ``[C]`` float32 (float64 for float64 x); differentiable.
     """
     check_tensor(x, "x", dim=(2, 3, 4))
+    if _eager_path(x):
+        if x.numel() == 0:
+            raise ValueError(f"bn_stats needs a non-empty x, got shape {tuple(x.shape)}")
+        return _BNStatsFunction.apply(x)
     return _bn_stats_op(x)
+
+
+class _BNStatsFunction(torch.autograd.Function):
+    """``fastblocks::bn_stats`` for plain eager calls (same kernels, no custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mean, var = kernels_for("bn_stats", x.device).stats(x, is_channels_last(x))
+        _stats_setup_context(ctx, (x,), (mean, var))
+        return mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @_backend.backward_on_forward_backend
+    def backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        scale, shift = _stats_backward_coefficients(x, mean, grad_mean, grad_var)
+        k = kernels_for("scale_shift_act", x.device)
+        return k.apply(x, scale, shift, None, False, is_channels_last(x))
 
 
 # ----------------------------------------------------------------------------- scale_shift_act

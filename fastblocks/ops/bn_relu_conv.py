@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from fastblocks import _backend
 from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
 from fastblocks.ops._triton import tl, triton
+from fastblocks.ops.batchnorm import _eager_path
 
 SPEC = _backend.register_op(
     _backend.OpSpec(
@@ -758,6 +759,37 @@ def _backward(ctx, grad_y, grad_sum, grad_sumsq):
 _bn_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _BNReLUConv2dFunction(torch.autograd.Function):
+    """``fastblocks::bn_relu_conv2d`` for plain eager calls: the same launchers and formulas as
+    the registered op without the custom-op dispatch (see ``batchnorm._eager_path``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, weight, stride, padding, dilation, groups, stats):
+        conv = _make_conv(stride, padding, dilation, groups)
+        out = _FWD[_backend.resolve("bn_relu_conv2d", x.device)](x, scale, shift, weight, conv, stats)
+        _setup_context(ctx, (x, scale, shift, weight, stride, padding, dilation, groups, stats), out)
+        if not stats:
+            ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @_backend.backward_on_forward_backend
+    def backward(ctx, grad_y, grad_sum, grad_sumsq):
+        x, scale, shift, weight, y = ctx.saved_tensors
+        g = _stats_grad_into_y(grad_y, y, grad_sum, grad_sumsq)
+        need = ctx.needs_input_grad
+        need_input, need_weight = any(need[:3]), need[3]
+        if g is None or not (need_input or need_weight):
+            return (None,) * 9
+        conv = _make_conv(*ctx.conv)
+        g = g.expand(_out_shape(x, weight, conv))
+        bwd = _BWD[_backend.resolve("bn_relu_conv2d", x.device)]
+        dx, dscale, dshift, dweight = bwd(g, x, scale, shift, weight, conv, need_input, need_weight)
+        grads = tuple(t if wanted else None for t, wanted in zip((dx, dscale, dshift, dweight), need[:4]))
+        return (*grads, None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------- public functional
 def bn_relu_conv2d(
     x: torch.Tensor,
@@ -802,7 +834,8 @@ def bn_relu_conv2d(
     _check(x, scale, shift, weight, conv)
     if not isinstance(stats, bool):
         raise TypeError(f"stats must be a bool, got {stats!r}")
-    y, s, ss = _bn_relu_conv2d_op(
+    op = _BNReLUConv2dFunction.apply if _eager_path(x) else _bn_relu_conv2d_op
+    y, s, ss = op(
         x, scale, shift, weight, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, stats
     )
     return (y, s, ss) if stats else y

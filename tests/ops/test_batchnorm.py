@@ -270,3 +270,22 @@ def test_bad_input_names_the_argument(kwargs, exc, words):
     x, w, b = args.pop("x"), args.pop("weight"), args.pop("bias")
     with pytest.raises(exc, match=words):
         batch_norm_act(x, w, b, **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_bn_stats_eager_path_equals_the_registered_op(backend, channels_last):
+    skip_unless_available("bn_stats", backend, "cpu")
+    x, *_ = _inputs((3, 5, 6, 7), torch.float32, "cpu", channels_last, seed=5)
+    results = []
+    for registered in (False, True):
+        xl = x.detach().clone().requires_grad_()
+        mode = _RecordOps() if registered else contextlib.nullcontext()
+        with fastblocks.use_backend(backend), mode:
+            mean, var = bn_stats(xl)
+            (mean * torch.arange(5.0) + var.square()).sum().backward()
+        if registered:
+            assert "fastblocks.bn_stats.default" in mode.seen
+        results.append((mean.detach(), var.detach(), xl.grad))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)

@@ -7,9 +7,12 @@ parameter would fail under FASTBLOCKS_REQUIRE_BACKENDS=cpu, which is about other
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastblocks
 from fastblocks.ops.bn_relu_conv import (
@@ -356,3 +359,41 @@ def test_triton_backend_runs_the_kernels_for_covered_shapes(monkeypatch):
         y, s, _ = bn_relu_conv2d(*leaves, stride=2, padding=1, stats=True)
         (y.float().sum() + s.sum()).backward()
     assert all(t.grad is not None for t in leaves)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the ops dispatched while active (and, being a mode, disables the eager path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stats", [False, True])
+def test_eager_path_equals_the_registered_op(backend, stats):
+    """Plain eager calls skip the custom-op dispatch (an autograd.Function over the same
+    launchers); both paths must give identical outputs and gradients."""
+    skip_unless_available(OP, backend, "cpu")
+    case = SMALL[2]
+    x, scale, shift, weight = _inputs(case, torch.float32)
+    results = []
+    for registered in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, scale, shift, weight)]
+        mode = _RecordOps() if registered else contextlib.nullcontext()
+        with fastblocks.use_backend(backend), mode:
+            out = bn_relu_conv2d(*leaves, stats=stats, **_conv_kwargs(case))
+            y = out[0] if stats else out
+            loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+            if stats:
+                loss = loss + out[1].sum() + 0.1 * out[2].sum()
+            loss.backward()
+        if registered:
+            assert "fastblocks.bn_relu_conv2d.default" in mode.seen
+        results.append((y.detach(), *(t.grad for t in leaves)))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
