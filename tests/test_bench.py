@@ -277,3 +277,16 @@ def test_cli_bench_models_and_fallback(tmp_path, capsys, monkeypatch):
     assert rc == 0 and "model-level benchmarks skipped" in out and "op-level" in out
     assert (out_dir / "ops.json").exists() and not (out_dir / "models.json").exists()
     assert cli.main(["bench", "--models", "resnet50", "--tiny", "--output", str(out_dir)]) == 2
+
+
+def test_cli_bench_default_runs_ops_and_models_together(tmp_path, monkeypatch):
+    """The main job (`fastblocks bench --quick`) measures both levels in one invocation."""
+    monkeypatch.setattr(model_bench, "load_models", lambda: (types.SimpleNamespace(resnet18=tiny_net), None))
+    args = ["bench", "--quick", "--tiny", "--providers", "eager,fused", "--no-progress", "--no-charts"]
+    assert cli.main([*args, "--output", str(tmp_path)]) == 0
+    ops = load_results(tmp_path / "ops.json")["rows"]
+    models = load_results(tmp_path / "models.json")["rows"]
+    assert {r["mode"] for r in ops} == {"fwd", "full"}
+    assert {(r["provider"], r["mode"]) for r in models} == {
+        (p, m) for p in ("eager", "fused") for m in ("train", "infer")
+    }

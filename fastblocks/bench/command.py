@@ -174,8 +174,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         print(f"fastblocks bench: unknown provider(s) {', '.join(unknown)}; "
               f"choose from {', '.join(model_bench.PROVIDERS)}", file=sys.stderr)  # fmt: skip
         return 2
-    modes = tuple(args.modes or model_bench.MODES)
-    if any(m not in model_bench.MODES for m in modes):
+    model_modes = tuple(args.modes or model_bench.MODES)
+    if any(m not in model_bench.MODES for m in model_modes):
         print(f"fastblocks bench: --modes must be a subset of {','.join(model_bench.MODES)}, got {args.modes}",
               file=sys.stderr)  # fmt: skip
         return 2
@@ -209,11 +209,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     if do_ops:
         layouts = (False, True) if args.channels_last is None else (bool(args.channels_last),)
         cases = op_bench.default_cases(device, quick=args.quick, tiny=args.tiny, dtype=dtype, layouts=layouts)
-        modes = ("fwd", "full") if (args.quick or args.tiny) else op_bench.MODES
+        op_modes = ("fwd", "full") if (args.quick or args.tiny) else op_bench.MODES
         for case in cases:
             for prov in providers:
                 if prov in op_bench.PROVIDERS:
-                    op_units.append((case, prov, modes))
+                    op_units.append((case, prov, op_modes))
     model_units: list[tuple] = []
     if do_models:
         names = args.models or list(_QUICK_MODELS if args.quick or args.tiny else _DEFAULT_MODELS)
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                     timing=_timing(device.type, True, True) if args.tiny else base.timing,
                 )
                 model_units.append((name, builder, cfg))
-    model_cases = sum(len(model_bench.provider_modes(p, modes)) for p in providers)
+    model_cases = sum(len(model_bench.provider_modes(p, model_modes)) for p in providers)
     total = sum(len(m) for *_, m in op_units) + model_cases * len(model_units)
     progress = _Progress(total, args.no_progress)
 
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     model_rows: list[dict] = []
     for name, builder, cfg in model_units:
         ran = model_bench.run_model(
-            name, builder, providers, device, cfg, yardsticks=env, modes=modes,
+            name, builder, providers, device, cfg, yardsticks=env, modes=model_modes,
             on_skip=lambda m: (notes.append(m), progress.note(m)), progress=progress.step,
         )  # fmt: skip
         model_rows.extend(ran)
