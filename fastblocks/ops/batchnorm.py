@@ -715,19 +715,23 @@ def _bn_backward_impl(ctx, grad_y, reduce: Callable, apply: Callable) -> tuple:
     """The backward of ``batch_norm_act`` given the reduce/apply functions to call."""
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
-    sum_g, sum_gx = reduce(grad_y, x, mean, scale, shift, residual, ctx.relu)
-    a, b, c = _dx_coefficients(weight, mean, invstd, sum_g, sum_gx, x.numel() // x.shape[1], ctx.training)
     need = ctx.needs_input_grad
-    dx = apply(grad_y, x, scale, shift, residual, a, b, c, ctx.relu) if need[0] else None
-    dweight = (sum_gx * invstd).to(weight.dtype) if ctx.has_weight and need[1] else None
-    dbias = sum_g.to(bias.dtype) if ctx.has_bias and need[2] else None
     dres = None
-    if ctx.has_res and need[5] and ctx.relu:
+    relu = ctx.relu
+    if ctx.has_res and need[5] and relu:
         one, zero = torch.ones_like(scale), torch.zeros_like(scale)
-        # dres = g' (the masked gradient), in the residual's dtype and layout.
-        dres = apply(grad_y, x, scale, shift, residual, one, zero, zero, ctx.relu).to(residual.dtype)
+        # dres = g' (the masked gradient), in the residual's dtype and layout. It is also what the
+        # BN backward needs: the passes below read g' and x instead of grad_y, x and the
+        # residual and rebuilding the mask (9 x-sized reads/writes instead of 11).
+        dres = apply(grad_y, x, scale, shift, residual, one, zero, zero, relu).to(residual.dtype)
+        grad_y, residual, relu = dres, None, False
     elif ctx.has_res and need[5]:
         dres = grad_y
+    sum_g, sum_gx = reduce(grad_y, x, mean, scale, shift, residual, relu)
+    a, b, c = _dx_coefficients(weight, mean, invstd, sum_g, sum_gx, x.numel() // x.shape[1], ctx.training)
+    dx = apply(grad_y, x, scale, shift, residual, a, b, c, relu) if need[0] else None
+    dweight = (sum_gx * invstd).to(weight.dtype) if ctx.has_weight and need[1] else None
+    dbias = sum_g.to(bias.dtype) if ctx.has_bias and need[2] else None
     return dx, dweight, dbias, None, None, dres, None, None, None
 
 
