@@ -2,6 +2,14 @@
 
 from fastblocks.nn.activation import AddReLU
 from fastblocks.nn.batchnorm import BatchNorm2d, BatchNormReLU2d, BNAddReLU, convert_sync_batchnorm
-from fastblocks.nn.conv import ConvBNReLU2d
+from fastblocks.nn.conv import BNReLUConv2d, ConvBNReLU2d
 
-__all__ = ["AddReLU", "BNAddReLU", "BatchNorm2d", "BatchNormReLU2d", "ConvBNReLU2d", "convert_sync_batchnorm"]
+__all__ = [
+    "AddReLU",
+    "BNAddReLU",
+    "BNReLUConv2d",
+    "BatchNorm2d",
+    "BatchNormReLU2d",
+    "ConvBNReLU2d",
+    "convert_sync_batchnorm",
+]

@@ -124,6 +124,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: object | None = Non
     fastblocks BatchNorm modules get the group; plain ``nn.BatchNorm2d`` (and
     ``nn.SyncBatchNorm``) layers are replaced by :class:`BatchNorm2d` with the same state.
     Unlike ``nn.SyncBatchNorm``, the result also runs on CPU tensors with the gloo backend.
+    Also unlike it, ``process_group=None`` means "do not synchronize"; pass
+    ``torch.distributed.group.WORLD`` (after ``init_process_group``) for every rank.
 
     Returns:
         ``module`` (modified in place) or its replacement when ``module`` itself is a BatchNorm.
