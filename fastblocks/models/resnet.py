@@ -59,6 +59,12 @@ Options beyond torchvision (keyword-only; the defaults give torchvision's networ
 - ``shortcut``: ``"B"`` (default: projection when the shape changes, identity otherwise),
   ``"A"`` (parameter-free: identity with stride-2 subsampling and zero-padded extra channels,
   He et al. 2016, Sec. 3.3) or ``None`` (a plain network without shortcuts: ``plain18``, ``plain34``).
+- ``memory_efficient`` (default ``True``; fused models only): the stem (conv, BN, ReLU,
+  max-pool) and every bottleneck tail ``relu(bn3(conv3(relu(bn2(.)))) + identity)`` are single
+  nodes that recompute their convolution in backward instead of keeping its output: ResNet-50
+  keeps about half of its eager twin's activation bytes, for one extra 1x1 convolution per
+  bottleneck and one stem convolution per step. ``False`` keeps those outputs (fused BN-ReLU-conv
+  and BN-add-ReLU only, no recomputed convolution): faster where compute, not memory, is short.
 """
 
 from __future__ import annotations
@@ -362,6 +368,7 @@ class Bottleneck(_ResidualBlock):
     _last_bn = "bn3"
     _relu_after = "bn3"
     _convs = ("conv1", "conv2", "conv3")
+    recompute_tail: bool = True  # ResNet(memory_efficient=False) clears it
 
     def __init__(
         self,
@@ -405,7 +412,7 @@ class Bottleneck(_ResidualBlock):
             identity = x if self.downsample is None else self.downsample(x)
             out = self.conv1(x)
             out = fused_bn_relu_conv(out, self.bn1, self.conv2)
-            if self.residual and self.variant == "original":
+            if self.recompute_tail and self.residual and self.variant == "original":
                 # relu(bn3(conv3(relu(bn2(out)))) + identity) as one node: conv3's input and output
                 # (5 of the 12 units of a bottleneck's eager saved bytes) are recomputed in backward.
                 return bn_relu_conv_bn_add_relu(out, self.bn2, self.conv3, self.bn3, identity)
@@ -910,8 +917,10 @@ class ResNet(_ResNetBase):
         block_variant: BlockVariant = "original",
         stride_on_1x1: bool = False,
         shortcut: ShortcutType = "B",
+        memory_efficient: bool = True,
     ) -> None:
         super().__init__()
+        self.memory_efficient = bool(memory_efficient)
         block = _block_for(block, block_variant)
         self._setup(norm_layer, groups, width_per_group, block_variant, stride_on_1x1, shortcut)
         norm_layer = self._norm_layer
@@ -940,13 +949,19 @@ class ResNet(_ResNetBase):
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
         self._init_weights(zero_init_residual)
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                m.recompute_tail = self.memory_efficient
         self._finish(fused)
+
+    memory_efficient: bool = True  # a ResNet adopted by convert() keeps the default
 
     def _fused_stem(self) -> bool:
         """Whether the stem is torchvision's conv7x7/2 - BN - ReLU - maxpool3x3/2, run as one node."""
         conv, pool = self.conv1, self.maxpool
         return (
             self.fused
+            and self.memory_efficient
             and not self.folded
             and self.block_variant != "preact"
             and type(conv) is nn.Conv2d

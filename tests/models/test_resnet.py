@@ -378,3 +378,22 @@ def test_memory_target_60_percent() -> None:
     """The issue's target: fused ResNet-50 keeps at most 60% of its eager twin's activation bytes."""
     _, activations = _resnet50_saved_ratios()
     assert activations <= 0.60
+
+
+def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
+    """memory_efficient=False: no recomputed convolution (more saved bytes), same numbers."""
+    torch.manual_seed(0)
+    lean, fast = R.resnet50(num_classes=10), R.resnet50(num_classes=10, memory_efficient=False)
+    fast.load_state_dict(lean.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    (_, act_lean), (_, act_fast) = _saved_bytes(lean, x), _saved_bytes(fast, x)
+    assert act_fast > 1.5 * act_lean
+    outs = []
+    for m in (lean, fast):
+        xl = x.clone().requires_grad_()
+        m(xl).square().mean().backward()
+        outs.append((m(x).detach(), xl.grad, m.layer1[0].conv3.weight.grad, m.conv1.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name, buf in lean.state_dict().items():
+        torch.testing.assert_close(buf, fast.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
