@@ -64,3 +64,17 @@ def unflatten_memory_order(flat: torch.Tensor, shape: torch.Size, channels_last:
         n, c, h, w = shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(shape)
+
+
+def eager_path(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may bypass the registered op: plain eager execution, where nothing
+    (torch.compile, export, a dispatch or function mode such as FakeTensor or FlopCounterMode,
+    functorch transforms, tensor subclasses) needs to see ``fastblocks::`` ops."""
+    return (
+        type(x) is torch.Tensor
+        and x.device.type in ("cpu", "cuda")
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._are_functorch_transforms_active()
+    )

@@ -29,6 +29,7 @@ from fastblocks import _backend, _ext
 from fastblocks.ops._common import (
     check_like,
     check_tensor,
+    eager_path,
     flat_in_memory_order,
     is_channels_last,
     memory_format,
@@ -223,6 +224,29 @@ def _backward_bwd(ctx, gg: torch.Tensor):
 _add_relu_op.register_autograd(_backward, setup_context=_setup_context)
 _add_relu_backward_op.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
 
+
+class _AddReLUFunction(torch.autograd.Function):
+    """``fastblocks::add_relu`` for plain eager calls: the same launchers without the custom-op
+    dispatch, whose Python overhead is of the order of the kernel itself on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x, residual):
+        out, mask = _FWD[_backend.resolve("add_relu", x.device)](x, residual, is_channels_last(x))
+        _setup_context(ctx, (x, residual), (out, mask))
+        ctx.mark_non_differentiable(mask)
+        return out, mask
+
+    @staticmethod
+    @_backend.backward_on_forward_backend
+    def backward(ctx, grad_out, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the registered op carries the double backward
+            grad = _add_relu_backward_op(grad_out, mask, ctx.channels_last)
+        else:
+            grad = _BWD[_backend.resolve("add_relu", grad_out.device)](grad_out, mask, ctx.channels_last)
+        return grad, grad
+
+
 if _ext.loaded():
     torch.library.register_fake("fastblocks::add_relu_fwd")(_fake_fwd)
 
@@ -247,4 +271,5 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             or a shape, dtype or device mismatch.
     """
     _check(x, residual)
-    return _add_relu_op(x, residual)[0]
+    op = _AddReLUFunction.apply if eager_path(x) else _add_relu_op
+    return op(x, residual)[0]

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from fastblocks import _backend, _ext
-from fastblocks.ops._common import check_like, check_tensor, is_channels_last, memory_format
+from fastblocks.ops._common import check_like, check_tensor, eager_path, is_channels_last, memory_format
 from fastblocks.ops._triton import tl, triton
 
 _COMPILED = ("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply")
@@ -754,7 +754,7 @@ def _apply_direct(grad_y, x, scale, shift, residual, a, b, c, relu):
 class _BatchNormActFunction(torch.autograd.Function):
     """``fastblocks::batch_norm_act`` for plain eager calls: the same kernels and formulas as the
     registered op, without the custom-op dispatch (about 0.2 ms of Python per call on a CPU,
-    as much as the kernels themselves at 8x64x56x56). See :func:`_eager_path`."""
+    as much as the kernels themselves at 8x64x56x56). See :func:`fastblocks.ops._common.eager_path`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, eps, relu):
@@ -770,20 +770,6 @@ class _BatchNormActFunction(torch.autograd.Function):
     @_backend.backward_on_forward_backend
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         return _bn_backward_impl(ctx, grad_y, _reduce_direct, _apply_direct)
-
-
-def _eager_path(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` may bypass the registered op: plain eager execution, where nothing
-    (torch.compile, export, a dispatch or function mode such as FakeTensor or FlopCounterMode,
-    functorch transforms, tensor subclasses) needs to see ``fastblocks::`` ops."""
-    return (
-        type(x) is torch.Tensor
-        and x.device.type in ("cpu", "cuda")
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and not torch._C._are_functorch_transforms_active()
-    )
 
 
 _batch_norm_act_op.register_autograd(_bn_backward, setup_context=_bn_setup_context)
@@ -821,7 +807,7 @@ def batch_norm_act(
         ``[N, C, H, W]`` in x's dtype and layout.
     """
     _check_bn_inputs(x, weight, bias, running_mean, running_var, residual, training)
-    op = _BatchNormActFunction.apply if _eager_path(x) else _batch_norm_act_op
+    op = _BatchNormActFunction.apply if eager_path(x) else _batch_norm_act_op
     y, mean, var = op(x, weight, bias, running_mean, running_var, residual, training, eps, relu)
     if training and running_mean is not None and x.numel():
         update_running_stats(
@@ -911,7 +897,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``(mean, var)``, each ``[C]`` float32 (float64 for float64 x); differentiable.
     """
     check_tensor(x, "x", dim=(2, 3, 4))
-    if _eager_path(x):
+    if eager_path(x):
         if x.numel() == 0:
             raise ValueError(f"bn_stats needs a non-empty x, got shape {tuple(x.shape)}")
         return _BNStatsFunction.apply(x)

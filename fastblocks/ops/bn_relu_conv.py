@@ -65,9 +65,8 @@ import torch
 import torch.nn.functional as F
 
 from fastblocks import _backend
-from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
+from fastblocks.ops._common import check_tensor, eager_path, is_channels_last, memory_format
 from fastblocks.ops._triton import tl, triton
-from fastblocks.ops.batchnorm import _eager_path
 
 SPEC = _backend.register_op(
     _backend.OpSpec(
@@ -761,7 +760,7 @@ _bn_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _BNReLUConv2dFunction(torch.autograd.Function):
     """``fastblocks::bn_relu_conv2d`` for plain eager calls: the same launchers and formulas as
-    the registered op without the custom-op dispatch (see ``batchnorm._eager_path``)."""
+    the registered op without the custom-op dispatch (see ``fastblocks.ops._common.eager_path``)."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, weight, stride, padding, dilation, groups, stats):
@@ -834,7 +833,7 @@ def bn_relu_conv2d(
     _check(x, scale, shift, weight, conv)
     if not isinstance(stats, bool):
         raise TypeError(f"stats must be a bool, got {stats!r}")
-    op = _BNReLUConv2dFunction.apply if _eager_path(x) else _bn_relu_conv2d_op
+    op = _BNReLUConv2dFunction.apply if eager_path(x) else _bn_relu_conv2d_op
     y, s, ss = op(
         x, scale, shift, weight, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, stats
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastblocks
 from fastblocks.nn import AddReLU
@@ -213,3 +216,38 @@ def test_module_is_drop_in():
 def test_bad_input_names_the_argument(x, r, exc, words):
     with pytest.raises(exc, match=words):
         add_relu(x, r)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the ops dispatched while active (and, being a mode, disables the eager path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eager_path_equals_the_registered_op(backend, layout):
+    """Plain eager calls skip the custom-op dispatch (an autograd.Function over the same
+    launchers); both paths give identical outputs and gradients, double backward included."""
+    skip_unless_available("add_relu", backend, "cpu")
+    x, r = _make((2, 5, 7, 9), torch.float32, "cpu", layout, seed=4), _make((2, 5, 7, 9), torch.float32, "cpu", layout)
+    results = []
+    for registered in (False, True):
+        xl, rl = x.clone().requires_grad_(), r.clone().requires_grad_()
+        g = torch.linspace(-1, 1, x.numel()).view_as(x).requires_grad_()
+        mode = _RecordOps() if registered else contextlib.nullcontext()
+        with fastblocks.use_backend(backend), mode:
+            out = add_relu(xl, rl)
+            gx, gr = torch.autograd.grad(out, (xl, rl), g, create_graph=True)
+            (gx * gx.detach()).sum().backward()  # double backward: d/dg
+        if registered:
+            assert "fastblocks.add_relu.default" in mode.seen
+        results.append((out.detach(), gx.detach(), gr.detach(), g.grad))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
