@@ -753,8 +753,8 @@ def _apply_direct(grad_y, x, scale, shift, residual, a, b, c, relu):
 
 class _BatchNormActFunction(torch.autograd.Function):
     """``fastblocks::batch_norm_act`` for plain eager calls: the same kernels and formulas as the
-    registered op, without the custom-op dispatch (about 0.2 ms of Python per call on a CPU,
-    as much as the kernels themselves at 8x64x56x56). See :func:`fastblocks.ops._common.eager_path`."""
+    registered op, without the custom-op dispatch (argument defaulting, redispatch), which costs
+    more Python per call than everything else in the op. See :func:`fastblocks.ops._common.eager_path`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, eps, relu):
