@@ -22,7 +22,7 @@ from fastblocks.bench.env import busy_warning, command_line, device_slug, enviro
 from fastblocks.bench.memory import saved_bytes
 from fastblocks.bench.report import BEGIN, END, model_table, op_table, readme_section, speedups
 from fastblocks.bench.results import load_results, write_results
-from fastblocks.bench.timing import measure, summarize
+from fastblocks.bench.timing import measure, measure_interleaved, summarize
 from fastblocks.nn import BatchNormReLU2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,43 @@ def test_measure_returns_positive_median_and_samples():
     assert len(t.samples_ms) >= 3 and all(s > 0 for s in t.samples_ms)
     assert t.calls_per_sample >= 1 and t.method == "perf_counter"
     assert json.loads(json.dumps(t.as_dict()))["median_ms"] == t.median_ms
+
+
+def test_measure_interleaved_alternates_and_rotates():
+    """One sample of each callable per round, the starting callable rotating round by round."""
+    order: list[str] = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    t = measure_interleaved(fns, "cpu", warmup=1, min_reps=4, max_reps=4, min_time_s=0.0)
+    assert list(t) == ["a", "b", "c"]
+    assert all(len(v.samples_ms) == 4 and v.method == "perf_counter_interleaved" for v in t.values())
+    timed = order[3:]  # after one warm-up call of each
+    per = {k: t[k].calls_per_sample for k in "abc"}
+    firsts = []
+    i = 0
+    for _ in range(4):  # each round: the callables in turn, each repeated calls_per_sample times
+        rnd = []
+        while len(rnd) < 3:
+            k = timed[i]
+            assert timed[i : i + per[k]] == [k] * per[k]
+            rnd.append(k)
+            i += per[k]
+        assert sorted(rnd) == ["a", "b", "c"]
+        firsts.append(rnd[0])
+    assert i == len(timed)
+    assert firsts == ["a", "b", "c", "a"]
+    with pytest.raises(ValueError):
+        measure_interleaved({}, "cpu")
+
+
+def test_op_run_interleaved_rows():
+    case = op_bench.OpCase("add_relu", (2, 8, 6, 6), torch.float32)
+    preps = [op_bench.prepare(case, p, "cpu") for p in ("eager", "fused")]
+    rows = op_bench.run_interleaved(preps, "full", "cpu", timing=FAST)
+    assert [r["provider"] for r in rows] == ["eager", "fused"]
+    assert all(r["median_ms"] > 0 and r["timer"] == "perf_counter_interleaved" for r in rows)
+    other = op_bench.prepare(op_bench.OpCase("add_relu", (2, 8, 6, 6), torch.float32, True), "eager", "cpu")
+    with pytest.raises(ValueError, match="single case"):
+        op_bench.run_interleaved([preps[0], other], "fwd", "cpu", timing=FAST)
 
 
 def test_summarize_median_and_iqr():

@@ -239,23 +239,31 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     # ------------------------------------------------------------------ measure
     op_rows: list[dict] = []
     timing = _timing(device.type, args.quick, args.tiny)
+    # The providers of one case are timed together, samples in alternation (measure_interleaved).
+    by_case: dict[op_bench.OpCase, list[tuple[str, tuple[str, ...]]]] = {}
     for case, prov, modes in op_units:
-        reason = op_bench.provider_available(prov, device, allow_cpu_compile=args.providers is not None)
-        try:
-            prep = op_bench.prepare(case, prov, device) if reason is None else None
-        except Exception as exc:  # report and go on: one failing case must not lose the rest
-            notes.append(f"{case.id} {prov}: failed, {type(exc).__name__}: {exc}")
-            progress.note(notes[-1])
-            prep = None
-        for mode in modes:
-            if prep is not None:
+        by_case.setdefault(case, []).append((prov, modes))
+    for case, provs in by_case.items():
+        preps = []
+        for prov, _ in provs:
+            reason = op_bench.provider_available(prov, device, allow_cpu_compile=args.providers is not None)
+            if reason is not None:
+                continue
+            try:
+                preps.append(op_bench.prepare(case, prov, device))
+            except Exception as exc:  # report and go on: one failing case must not lose the rest
+                notes.append(f"{case.id} {prov}: failed, {type(exc).__name__}: {exc}")
+                progress.note(notes[-1])
+        for mode in provs[0][1]:
+            if preps:
                 try:
-                    op_rows.append(op_bench.run(prep, prov, mode, device, yardsticks=env, timing=timing))
+                    op_rows.extend(op_bench.run_interleaved(preps, mode, device, yardsticks=env, timing=timing))
                 except Exception as exc:
-                    notes.append(f"{case.id} {prov} {mode}: failed, {type(exc).__name__}: {exc}")
+                    notes.append(f"{case.id} {mode}: failed, {type(exc).__name__}: {exc}")
                     progress.note(notes[-1])
-            progress.step(f"{case.id} {prov} {mode}")
-        del prep
+            for prov, _ in provs:
+                progress.step(f"{case.id} {prov} {mode}")
+        del preps
     model_rows: list[dict] = []
     for name, builder, cfg in model_units:
         ran = model_bench.run_model(

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from fastblocks.bench.memory import CUDA_PEAK, SAVED, cuda_peak_bytes, saved_bytes
 from fastblocks.bench.ops import dtype_name
-from fastblocks.bench.timing import measure, synchronize
+from fastblocks.bench.timing import Timing, measure_interleaved, synchronize
 
 MODELS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                            "densenet121", "densenet169", "densenet201")  # fmt: skip
@@ -86,7 +86,7 @@ class ModelConfig:
         dtype: fp32 (no autocast) or the autocast dtype (bf16/fp16).
         channels_last: model and input in NHWC.
         num_classes: classifier size.
-        timing: keyword arguments of :func:`fastblocks.bench.timing.measure`.
+        timing: keyword arguments of :func:`fastblocks.bench.timing.measure_interleaved` (those of ``measure``).
     """
 
     batch_size: int
@@ -253,6 +253,10 @@ def run_model(
     """Benchmark ``name`` under each provider; one row per (provider, mode) that ran
     (a provider runs the modes of :func:`provider_modes` only).
 
+    Every provider's model is built first; then, mode by mode, their steps are timed together
+    with samples in alternation (:func:`fastblocks.bench.timing.measure_interleaved`), so that a
+    drift of a shared machine does not fall on one provider only.
+
     Args:
         builder: ``builder(fused=bool[, memory_efficient=True][, num_classes=int]) -> nn.Module``.
         on_skip: called with a message for each provider that does not apply or fails.
@@ -265,60 +269,79 @@ def run_model(
     flops = count_flops(reference.to(device), cfg, device)
     del reference
     x, y = _inputs(cfg, device)
-    rows = []
+    models: dict[str, nn.Module] = {}
     for provider in providers:
         if not provider_modes(provider, modes):
             continue
         try:
-            model = build_model(builder, provider, state, device, cfg)
+            models[provider] = build_model(builder, provider, state, device, cfg)
         except NotImplementedError as exc:
             if on_skip:
                 on_skip(f"{name}/{provider}: skipped, {exc}")
-            continue
-        try:
-            for mode in provider_modes(provider, modes):
-                rows.append(_measure(name, provider, mode, model, x, y, cfg, device, flops[mode], yardsticks))
-                if progress:
-                    progress(f"{name} {provider} {mode}")
         except Exception as exc:  # one broken provider must not lose the others' numbers
             if on_skip:
                 on_skip(f"{name}/{provider}: failed, {type(exc).__name__}: {exc}")
-        finally:
-            model = None
-            gc.collect()
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    rows = []
+    for mode in modes:
+        steps: dict[str, Callable[[], None]] = {}
+        for provider, model in models.items():
+            if mode not in provider_modes(provider, modes):
+                continue
+            train_step, infer_step = _steps(model, x, y, cfg, device)
+            step = train_step if mode == "train" else infer_step
+            model.train(mode == "train")
+            try:  # a first step alone: a provider that fails is reported and left out
+                step()
+                synchronize(device)
+            except Exception as exc:
+                if on_skip:
+                    on_skip(f"{name}/{provider}: failed, {type(exc).__name__}: {exc}")
+                continue
+            steps[provider] = step
+        if not steps:
+            continue
+        kw = dict(cfg.timing)
+        if any(p.endswith("compile") for p in steps):  # the first calls compile (and may recompile once)
+            kw["warmup"] = max(kw.get("warmup", 3), 3)
+        timings = measure_interleaved(steps, device, **kw)
+        for provider, timing in timings.items():
+            rows.append(_finish(name, provider, mode, models[provider], x, cfg, device, flops[mode], timing,
+                                steps[provider], yardsticks))  # fmt: skip
+            if progress:
+                progress(f"{name} {provider} {mode}")
+    for provider in list(models):
+        models[provider].train()
+        del models[provider]
+    gc.collect()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
-def _measure(
+def _finish(
     name: str,
     provider: str,
     mode: str,
     model: nn.Module,
     x: torch.Tensor,
-    y: torch.Tensor,
     cfg: ModelConfig,
     device: torch.device,
     flops: int,
+    timing: Timing,
+    step: Callable[[], None],
     yardsticks: dict | None,
 ) -> dict:
-    """Time one (provider, mode) and measure its memory; return the row."""
-    train_step, infer_step = _steps(model, x, y, cfg, device)
-    model.train(mode == "train")
-    step = train_step if mode == "train" else infer_step
-    kw = dict(cfg.timing)
-    if provider.endswith("compile"):  # the first calls compile (and may recompile once)
-        kw["warmup"] = max(kw.get("warmup", 3), 3)
-    timing = measure(step, device, **kw)
+    """The row of one timed (provider, mode), with its memory measured."""
     extra: dict = {"flops": flops}
     if provider.endswith("compile"):
         extra["compile_s"] = round(max(timing.first_call_ms - timing.median_ms, 0.0) / 1e3, 3)
     if mode == "train":
+        model.train()
         with _autocast(device, cfg.dtype):
             _, extra["saved"] = saved_bytes(lambda: model(x), exclude=list(model.parameters()))
     if device.type == "cuda":
+        model.train(mode == "train")
         extra["peak"] = cuda_peak_bytes(step, device)
     model.train()
     return _row(name, provider, mode, cfg, timing, extra, yardsticks)

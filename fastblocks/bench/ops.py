@@ -39,7 +39,7 @@ from torch import nn
 
 from fastblocks import _backend
 from fastblocks.bench.memory import CUDA_PEAK, SAVED, cuda_peak_bytes, saved_bytes
-from fastblocks.bench.timing import Timing, measure, synchronize
+from fastblocks.bench.timing import Timing, measure, measure_interleaved, synchronize
 
 OPS: tuple[str, ...] = ("add_relu", "bn_relu", "bn_add_relu")
 PROVIDERS: tuple[str, ...] = ("eager", "compile", "fused", "fused-compile")
@@ -360,3 +360,36 @@ def run(
         prep.case, prep.provider, mode, t, backend=prep.backend, yardsticks=yardsticks, saved=saved, peak=peak,
         compile_s=prep.compile_s,
     )  # fmt: skip
+
+
+def run_interleaved(
+    preps: list[Prepared],
+    mode: str,
+    device: torch.device | str,
+    *,
+    yardsticks: dict | None = None,
+    timing: dict | None = None,
+) -> list[dict]:
+    """Time the providers of one case in ``mode`` together, samples in alternation
+    (:func:`fastblocks.bench.timing.measure_interleaved`), and return their rows in order.
+
+    Args:
+        preps: :class:`Prepared` providers of the same case.
+        timing: keyword arguments of :func:`fastblocks.bench.timing.measure_interleaved`.
+    """
+    device = torch.device(device)
+    if len({p.case for p in preps}) > 1:
+        raise ValueError("run_interleaved compares the providers of a single case")
+    fns = {p.provider: timed_call(p, mode) for p in preps}
+    kw = {"flush_l2": device.type == "cuda", **(timing or {})}
+    timings = measure_interleaved(fns, device, **kw)
+    rows = []
+    for p in preps:
+        fn = fns[p.provider]
+        _, saved = saved_bytes(p.forward)
+        peak = cuda_peak_bytes(fn, device) if device.type == "cuda" else None
+        rows.append(
+            row(p.case, p.provider, mode, timings[p.provider], backend=p.backend, yardsticks=yardsticks,
+                saved=saved, peak=peak, compile_s=p.compile_s)
+        )  # fmt: skip
+    return rows

@@ -2,6 +2,10 @@
 
 CPU: ``time.perf_counter`` around one or several calls (several when one call is shorter than
 ``_MIN_SAMPLE_S``, so the timer's resolution and the loop overhead do not matter).
+:func:`measure_interleaved` times several callables (the providers of one case) round by round,
+one sample of each per round in a rotating order, so the slow drifts of a shared CPU machine
+(other tenants, clock frequency, the allocator's state) fall on all of them alike; a comparison
+of medians taken minutes apart, one provider after the other, would carry those drifts.
 CUDA: a pair of CUDA events around each sample, all read after one synchronization at the end,
 so the host never waits between samples; optionally the L2 cache is flushed before each sample
 (as ``triton.testing.do_bench`` does) so a tensor that fits in L2 is not timed from cache.
@@ -31,7 +35,8 @@ class Timing:
         iqr_ms: inter-quartile range (75th - 25th percentile) of the samples: the spread.
         samples_ms: every sample (each the mean of ``calls_per_sample`` calls).
         calls_per_sample: calls timed together in one sample.
-        method: ``"perf_counter"`` (CPU) or ``"cuda_events"``.
+        method: ``"perf_counter"`` (CPU), ``"perf_counter_interleaved"`` (CPU, samples taken in
+            alternation with other callables) or ``"cuda_events"``.
         first_call_ms: duration of the first warm-up call (includes one-off costs: compilation,
             autotuning, allocator growth).
     """
@@ -165,3 +170,67 @@ def _measure_cuda(
     samples = [begin.elapsed_time(end) / calls for begin, end in events]
     median, iqr = summarize(samples)
     return Timing(median, iqr, samples, calls, "cuda_events", first * 1e3)
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str = "cpu",
+    *,
+    warmup: int = 3,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    min_time_s: float = 0.5,
+    max_time_s: float = 10.0,
+    flush_l2: bool = False,
+) -> dict[str, Timing]:
+    """Time each of ``fns`` with samples taken in alternation (see the module docstring).
+
+    Round ``k`` takes one sample of every callable, starting at callable ``k mod len(fns)``.
+    Sampling stops when every callable has ``min_reps`` samples and ``min_time_s`` of them, or
+    ``max_reps`` samples, or after ``max_time_s`` per callable (at least one round). On CUDA,
+    where events time the device and not the host, each callable is measured with
+    :func:`measure` in turn.
+
+    Args:
+        fns: ``{label: callable}``; each callable does the whole thing measured.
+        device, warmup, min_reps, max_reps, min_time_s, max_time_s, flush_l2: as :func:`measure`
+            (the time limits apply to each callable).
+
+    Returns:
+        ``{label: Timing}`` in the order of ``fns``.
+    """
+    device = torch.device(device)
+    if not fns:
+        raise ValueError("measure_interleaved needs at least one callable")
+    if device.type == "cuda":
+        kw = dict(warmup=warmup, min_reps=min_reps, max_reps=max_reps, min_time_s=min_time_s, max_time_s=max_time_s)
+        return {k: measure(f, device, flush_l2=flush_l2, **kw) for k, f in fns.items()}
+    labels = list(fns)
+    firsts, calls = {}, {}
+    for k in labels:  # warm every callable before the first timed round
+        first, est = _warm(fns[k], device, warmup)
+        firsts[k], calls[k] = first, max(1, math.ceil(_MIN_SAMPLE_S / max(est, 1e-9)))
+    samples: dict[str, list[float]] = {k: [] for k in labels}
+    spent = dict.fromkeys(labels, 0.0)
+    rnd = 0
+
+    def done() -> bool:
+        n = min(len(v) for v in samples.values())
+        return _done(n, min(spent.values()), min_reps, max_reps, min_time_s, max_time_s)
+
+    while not done():
+        for j in range(len(labels)):
+            k = labels[(rnd + j) % len(labels)]
+            fn, c = fns[k], calls[k]
+            t0 = time.perf_counter()
+            for _ in range(c):
+                fn()
+            dt = time.perf_counter() - t0
+            samples[k].append(dt / c * 1e3)
+            spent[k] += dt
+        rnd += 1
+    out = {}
+    for k in labels:
+        median, iqr = summarize(samples[k])
+        out[k] = Timing(median, iqr, samples[k], calls[k], "perf_counter_interleaved", firsts[k] * 1e3)
+    return out

@@ -29,8 +29,13 @@ The fused model then trains as one process on the whole batch does
 ``memory_efficient=True`` on the eager twin is torchvision's: ``torch.utils.checkpoint`` of each
 bottleneck (``norm1-relu1-conv1``). Its recomputation runs norm1 in training mode a second time,
 so norm1's running statistics and ``num_batches_tracked`` are updated twice per step (PyTorch
-issue 96136); we keep that, it is the baseline we compare against. The fused model ignores
-``memory_efficient`` (it is memory-efficient already, without the double update).
+issue 96136); we keep that, it is the baseline we compare against. The fused model is
+memory-efficient either way, without the double update; there ``memory_efficient`` chooses
+which bottlenecks its backward recomputes (``keep_bottleneck`` of
+:func:`fastblocks.ops.dense_block.dense_block`): ``False`` (default) keeps the bottleneck of each
+layer whose input has at least 4x the bottleneck's channels (the wide layers of the last two
+blocks, where recomputing the 1x1 convolution costs the most per kept byte), ``True`` keeps
+none (least memory, one more 1x1 convolution per layer in backward).
 """
 
 from __future__ import annotations
@@ -191,6 +196,7 @@ class _FusedDenseBlock(_DenseBlock):
             [DenseLayerParams.from_module(layer) for layer in layers],
             training=self.training,
             drop_rate=layers[0].drop_rate,
+            keep_bottleneck=False if layers[0].memory_efficient else None,
         )
 
 
@@ -243,7 +249,9 @@ class DenseNet(nn.Module):
         bn_size: bottleneck width factor (the 1x1 conv outputs ``bn_size * k`` channels).
         drop_rate: dropout after each dense layer (training only).
         num_classes: classifier outputs.
-        memory_efficient: eager twin only: torchvision's checkpointed bottlenecks.
+        memory_efficient: eager twin: torchvision's checkpointed bottlenecks. Fused: recompute
+            every bottleneck in backward (least memory) instead of keeping the wide layers'
+            (module docstring).
         fused: memory-efficient fused blocks and transitions (default) or the eager twin.
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max pool; 224x224 inputs) or
             ``"cifar"`` (one 3x3 conv, as the paper's CIFAR models; 32x32 inputs).

@@ -234,11 +234,14 @@ class _AddReLUFunction(torch.autograd.Function):
         out, mask = _FWD[_backend.resolve("add_relu", x.device)](x, residual, is_channels_last(x))
         _setup_context(ctx, (x, residual), (out, mask))
         ctx.mark_non_differentiable(mask)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the (n/8-byte) mask
         return out, mask
 
     @staticmethod
     @_backend.backward_on_forward_backend
     def backward(ctx, grad_out, _grad_mask):
+        if grad_out is None:
+            return None, None
         (mask,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the registered op carries the double backward
             grad = _add_relu_backward_op(grad_out, mask, ctx.channels_last)

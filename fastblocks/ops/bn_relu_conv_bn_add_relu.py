@@ -138,7 +138,7 @@ class _TailFunction(torch.autograd.Function):
         c = _conv(a, weight, conv)
         cl_c = is_channels_last(c)
         # g' = grad_y where the final ReLU passed; it is also the identity's gradient.
-        g = torch.where(y <= 0, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
+        g = torch.ops.aten.threshold_backward(grad_y, y, 0)  # eager ReLU's backward: 0 where y <= 0
         s3, t3, invstd = _scale_shift(mean, var, bn_weight, bn_bias, eps)
         sum_g, sum_gc = k.bwd_reduce(g, c, mean, s3, t3, None, False, cl_c)
         a3, b3, k3 = _dx_coefficients(bn_weight, mean, invstd, sum_g, sum_gc, c.numel() // c.shape[1], training)

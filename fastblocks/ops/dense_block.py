@@ -15,18 +15,22 @@ their shared-storage tricks, because one autograd node owns everything):
   each layer's ``k``) are computed once, when the chunk is produced, and every later layer's
   bn1 reuses them: the statistics of a prefix are the concatenation of its chunks' (BN
   statistics are per channel), only gamma/beta differ per layer;
-- forward saves the buffer, the per-channel statistics and the parameters: nothing of the
-  bottleneck. Backward walks the layers in reverse, recomputes each bottleneck from the buffer
-  with the saved statistics (no running-statistics update), and accumulates the gradient in
-  one buffer ``G`` of the buffer's shape.
+- forward saves the buffer, the per-channel statistics and the parameters, and the bottleneck
+  ``conv1(relu(norm1(.)))`` of the layers chosen by ``keep_bottleneck`` (by default those whose
+  input has at least ``4 B`` channels: recomputing their 1x1 convolution costs ``C_i``
+  multiply-adds per kept element, the most per byte). Backward walks the layers in reverse,
+  recomputes each other bottleneck from the buffer with the saved statistics (no
+  running-statistics update), and accumulates the gradient in one buffer ``G`` of the
+  buffer's shape.
 
 Bytes saved for backward by a DenseNet-201 training forward, fp32, parameters excluded,
 storages de-duplicated (tests/models/test_densenet.py::test_saved_bytes_densenet201_224,
 ``pytest -m slow``), with this block, ``dense_transition`` and the fused stem below:
-    8x3x224x224: eager 1549 MiB, torchvision checkpointing 543 MiB (35.0%), fused 58.0 MiB
-    (3.75%); lower bound (the four block buffers + the input) 54.9 MiB (3.55%). The rest is
+    8x3x224x224: eager 1549 MiB, torchvision checkpointing 543 MiB (35.0%); fused 94.8 MiB
+    (6.1%) with the default ``keep_bottleneck``, 58.0 MiB (3.75%) with every bottleneck
+    recomputed; lower bound (the four block buffers + the input) 54.9 MiB (3.55%). The rest is
     the final ReLU's output (kept by the global average pool) and the statistics vectors.
-    2x3x64x64: eager 32.5 MiB, fused 1.36 MiB (4.2%), lower bound 1.12 MiB (3.5%).
+    2x3x64x64: eager 32.5 MiB, fused 2.11 MiB (6.5%) / 1.36 MiB (4.2%), lower bound 1.12 MiB (3.5%).
 
 Backward derivation (one layer ``i``, names as in ``_DenseBlockFunction.backward``).
 ``X = buf[:, :C_i]``, its chunk statistics ``mu1, var1`` (``[C_i]``), ``inv1 = (var1+eps)^-1/2``,
@@ -234,8 +238,10 @@ class _BlockConfig:
     eps2: tuple[float, ...]
     drop_rate: float
     training: bool
+    keep: tuple[bool, ...] = ()  # per layer: backward reuses the bottleneck kept by forward
 
 
+_KEEP_RATIO = 4  # default: keep layer i's bottleneck when C_i >= 4 B (see dense_block)
 _PER_LAYER = 6  # norm1 weight, norm1 bias, conv1 weight, norm2 weight, norm2 bias, conv2 weight
 _PER_LAYER_RUNNING = 4  # norm1 running mean/var, norm2 running mean/var (eval only)
 
@@ -391,10 +397,14 @@ def _block_forward(
     running: Sequence[torch.Tensor | None],
     save_rng: bool,
     group: object | None = None,
+    kept: list[torch.Tensor] | None = None,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None
 ]:
     """Forward of the block; returns (buf, mean1, var1, mean2, var2, rng_states, total).
+
+    With a ``kept`` list, the bottleneck of every layer with ``cfg.keep[i]`` is appended to it
+    (for backward); otherwise each bottleneck is freed once used.
 
     Training: ``mean1/var1`` ``[C0 + (L-1) k]`` are the chunk statistics (the last chunk's are
     not needed by the block), ``mean2/var2`` ``[L, B]`` the bottlenecks'. Eval: empty.
@@ -443,6 +453,8 @@ def _block_forward(
             m2, v2 = running[i * _PER_LAYER_RUNNING + 2].to(sd), running[i * _PER_LAYER_RUNNING + 3].to(sd)
         s2, t2, _ = _scale_shift(m2, v2, g2, b2, cfg.eps2[i])
         y = F.conv2d(kern.apply(bott, s2, t2, None, True, cl), w2, padding=1)
+        if kept is not None and cfg.keep[i]:
+            kept.append(bott)
         del bott
         if cfg.training and cfg.drop_rate > 0:
             if save_rng:
@@ -490,11 +502,13 @@ class _DenseBlockFunction(torch.autograd.Function):
     def forward(ctx, x, cfg: _BlockConfig, group, *tensors):
         nparams = cfg.num_layers * _PER_LAYER
         params, running = tensors[:nparams], tensors[nparams:]
-        buf, mean1, var1, mean2, var2, rng, total = _block_forward(x, cfg, params, running, True, group)
+        kept: list[torch.Tensor] = []
+        buf, mean1, var1, mean2, var2, rng, total = _block_forward(x, cfg, params, running, True, group, kept)
         ctx.cfg, ctx.c0, ctx.channels_last = cfg, x.shape[1], is_channels_last(x)
         ctx.group, ctx.total = group, total  # total: not an input, no grad_fn (no reference cycle)
         ctx.has_param = [t is not None for t in params]
-        ctx.save_for_backward(buf, mean1, var1, mean2, var2, *params, *running, *rng)
+        ctx.n_rng = len(rng)
+        ctx.save_for_backward(buf, mean1, var1, mean2, var2, *params, *running, *rng, *kept)
         ctx.mark_non_differentiable(mean1, var1, mean2, var2)
         if total is not None:
             ctx.mark_non_differentiable(total)
@@ -510,7 +524,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         params = saved[5 : 5 + nparams]
         nrun = 0 if cfg.training else nl * _PER_LAYER_RUNNING
         running = saved[5 + nparams : 5 + nparams + nrun]
-        rng = saved[5 + nparams + nrun :]
+        rng = saved[5 + nparams + nrun : 5 + nparams + nrun + ctx.n_rng]
+        kept = list(saved[5 + nparams + nrun + ctx.n_rng :])  # in layer order; popped from the end
         kern = kernels_for("dense_block", buf.device)
         sd = _compute_dtype(buf.dtype)
         n, _, h, w = buf.shape
@@ -541,7 +556,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 s2, t2, inv2 = _scale_shift(m2, v2, g2, b2, cfg.eps2[i])
                 x_pre = buf[:, :ci]
                 a1 = kern.apply(x_pre, s1, t1, None, True, cl)
-                bott = F.conv2d(a1, w1)
+                bott = kept.pop() if cfg.keep[i] else F.conv2d(a1, w1)
                 a2 = kern.apply(bott, s2, t2, None, True, cl)
                 da2, dw2 = _conv_backward(dy, a2, w2, 1)
                 del a2, dy
@@ -635,6 +650,7 @@ def dense_block(
     *,
     training: bool,
     drop_rate: float = 0.0,
+    keep_bottleneck: bool | None = None,
 ) -> torch.Tensor:
     """A DenseNet dense block, memory-efficient: ``[N, C0, H, W] -> [N, C0 + L*k, H, W]``.
 
@@ -649,6 +665,12 @@ def dense_block(
         training: normalize with batch statistics and update every BN's running buffers
             exactly once (``num_batches_tracked`` too); else use the running statistics.
         drop_rate: dropout probability after each layer (training only), as torchvision.
+        keep_bottleneck: whether forward keeps each layer's bottleneck ``conv1(relu(norm1(.)))``
+            (``[N, B, H, W]``) for backward, which then skips recomputing that 1x1 convolution.
+            ``None`` (default): kept for the layers whose input has at least ``4 B`` channels,
+            where the recomputation costs the most per kept byte (``C_i`` multiply-adds per
+            element); in DenseNet-121/169/201 (``B = 128``) that is most layers of the last two
+            blocks, at 7x7 and 14x14. ``True``: every layer; ``False``: none (least memory).
 
     Synchronized BatchNorm: when the norms carry a ``process_group`` (all the same one) with more
     than one rank and ``training``, ``x`` is this rank's share of the batch and every batch
@@ -658,7 +680,9 @@ def dense_block(
     Returns:
         ``[N, C0 + L*k, H, W]`` in x's dtype (the autocast dtype under autocast) and layout.
     """
-    k, _ = _check_block(x, layers, training)
+    k, bott_ch = _check_block(x, layers, training)
+    if keep_bottleneck is not None and not isinstance(keep_bottleneck, bool):
+        raise TypeError(f"keep_bottleneck must be None, True or False, got {keep_bottleneck!r}")
     group = _sync_group([bn for p in layers for bn in (p.norm1, p.norm2)], training)
     cd = _compute_dtype_of(x)
     flat: list[torch.Tensor | None] = []
@@ -678,6 +702,10 @@ def dense_block(
         eps2=tuple(float(p.norm2.eps) for p in layers),
         drop_rate=float(drop_rate),
         training=training,
+        keep=tuple(
+            (x.shape[1] + i * k >= _KEEP_RATIO * bott_ch) if keep_bottleneck is None else keep_bottleneck
+            for i in range(len(layers))
+        ),
     )
     xc = x.to(cd)
     with _no_autocast(x.device.type):

@@ -303,39 +303,51 @@ def _block_buffer_bytes(model: nn.Module, x: torch.Tensor) -> int:
 def _memory_ratios(batch: int, size: int, checkpoint: bool) -> dict[str, float]:
     x = torch.randn(batch, 3, size, size)
     saved = {}
-    variants = [("fused", {"fused": True}), ("eager", {"fused": False})]
+    variants = [
+        ("fused", {"fused": True}),
+        ("fused_min", {"fused": True, "memory_efficient": True}),
+        ("eager", {"fused": False}),
+    ]
     if checkpoint:
         variants.append(("checkpoint", {"fused": False, "memory_efficient": True}))
     for key, kwargs in variants:
         torch.manual_seed(0)
         model = dn.densenet201(**kwargs)
         saved[key] = _activation_bytes(model, x)
-        if key == "fused":
+        if key == "fused_min":
             lower_bound = _block_buffer_bytes(model, x) + x.numel() * x.element_size()
         del model
     return {
         "fused/eager": saved["fused"] / saved["eager"],
+        "fused_min/eager": saved["fused_min"] / saved["eager"],
+        "fused_min/lower_bound": saved["fused_min"] / lower_bound,
         "checkpoint/eager": saved.get("checkpoint", float("nan")) / saved["eager"],
         "lower_bound/eager": lower_bound / saved["eager"],
         "fused/lower_bound": saved["fused"] / lower_bound,
+        **{f"{k} MiB": v / 2**20 for k, v in saved.items()},
+        "lower_bound MiB": lower_bound / 2**20,
     }
 
 
 def test_saved_bytes_densenet201():
-    """Measured at 2x3x64x64 (fp32): fused 4.2% of eager (1.36 vs 32.5 MiB), lower bound 3.5%,
-    torchvision's checkpointing 34.5%. The issue's target is at most 12%."""
+    """Measured at 2x3x64x64 (fp32): eager 32.5 MiB; fused 2.11 MiB (6.5%), with every bottleneck
+    recomputed (``memory_efficient=True``) 1.36 MiB (4.2%); lower bound 1.12 MiB (3.5%). The
+    issue's target is at most 12%."""
     r = _memory_ratios(2, 64, checkpoint=False)
-    assert r["fused/eager"] <= 0.045, r
-    assert r["fused/lower_bound"] <= 1.25, r
+    assert r["fused/eager"] <= 0.07, r
+    assert r["fused_min/eager"] <= 0.045, r
+    assert r["fused_min/lower_bound"] <= 1.25, r
 
 
 @pytest.mark.slow
 def test_saved_bytes_densenet201_224():
-    """Measured at 8x3x224x224 (fp32): fused 58.0 MiB, eager 1549 MiB (3.75%), lower bound
-    54.9 MiB (3.55%; fused is 1.06x it), checkpointing 543 MiB (35.0%)."""
+    """Measured at 8x3x224x224 (fp32): eager 1549 MiB; fused 94.8 MiB (6.1%: the block buffers,
+    the input, and the bottlenecks of the wide layers of blocks 3 and 4); with every bottleneck
+    recomputed 58.0 MiB (3.75%); lower bound 54.9 MiB (3.55%); checkpointing 543 MiB (35.0%)."""
     r = _memory_ratios(8, 224, checkpoint=True)
-    assert r["fused/eager"] <= 0.04, r
-    assert r["fused/lower_bound"] <= 1.1, r
+    assert r["fused/eager"] <= 0.065, r
+    assert r["fused_min/eager"] <= 0.04, r
+    assert r["fused_min/lower_bound"] <= 1.1, r
     assert 0.30 <= r["checkpoint/eager"] <= 0.40, r
 
 

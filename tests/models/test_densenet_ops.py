@@ -92,9 +92,11 @@ def test_dense_block_matches_reference(dtype, channels_last, training):
     _compare_modules(fused, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_dense_block_gradcheck(training):
-    """float64 gradcheck of the hand-written backward, statistics path included."""
+def test_dense_block_gradcheck(training, keep):
+    """float64 gradcheck of the hand-written backward, statistics path included, with the
+    bottlenecks recomputed and kept."""
     block = _block(c0=3, k=2, bn_size=2, num_layers=3)
     layers = _params(block)
     if training:  # running buffers would be updated by every gradcheck evaluation
@@ -111,7 +113,7 @@ def test_dense_block_gradcheck(training):
     x = _input((2, 3, 3, 4), torch.float64, False).requires_grad_()
 
     def fn(x, *_params):
-        return dense_block(x, layers, training=training)
+        return dense_block(x, layers, training=training, keep_bottleneck=keep)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
@@ -169,7 +171,39 @@ def test_dropout_draws_the_eager_masks():
     _compare_modules(fused, ref, 1e-10)
 
 
-def test_saves_only_the_buffer_and_vectors():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_kept_bottlenecks_change_nothing_but_the_work(channels_last, training):
+    """keep_bottleneck only decides what backward recomputes: the output, input gradient,
+    parameter gradients and running buffers agree for False, True and the default (which,
+    here, keeps only the last layer's: C_i = 5, 8, 11, 14 against 4 B = 12)."""
+    x = _input((3, 5, 6, 7), torch.float64, channels_last)
+    grad = _input((3, 5 + 4 * 3, 6, 7), torch.float64, channels_last, seed=2)
+    runs = {}
+    for keep in (False, True, None):
+        block = _block(c0=5, k=3, bn_size=1, num_layers=4)
+        xi = x.clone().requires_grad_()
+        y = dense_block(xi, _params(block), training=training, keep_bottleneck=keep)
+        y.backward(grad)
+        runs[keep] = (y.detach(), xi.grad, block)
+    y0, g0, b0 = runs[False]
+    for keep in (True, None):
+        y, g, b = runs[keep]
+        assert max_abs_err(y, y0) <= 1e-12, keep
+        assert max_abs_err(g, g0) <= 1e-12 * max(1.0, float(g0.abs().max())), keep
+        _compare_modules(b, b0, 1e-12)
+
+
+def test_keep_bottleneck_must_be_a_bool_or_none():
+    block = _block()
+    with pytest.raises(TypeError, match="keep_bottleneck"):
+        dense_block(_input((2, 5, 4, 4), torch.float64, False), _params(block), training=True, keep_bottleneck="yes")
+
+
+@pytest.mark.parametrize("keep", [None, False, True], ids=["default", "recompute", "keep"])
+def test_saves_only_the_buffer_and_vectors(keep):
+    """The buffer and the statistics; with ``keep_bottleneck=True`` each layer's bottleneck too
+    (the default keeps none here: C_i = 16..40 is below 4 B = 128)."""
     block = _block(c0=16, k=8, bn_size=4, num_layers=4, dtype=torch.float32)
     x = _input((4, 16, 16, 16), torch.float32, False).requires_grad_()
     param_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
@@ -182,9 +216,10 @@ def test_saves_only_the_buffer_and_vectors():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = dense_block(x, _params(block), training=True)
+        y = dense_block(x, _params(block), training=True, keep_bottleneck=keep)
     vectors = 4 * (2 * (16 + 3 * 8) + 2 * 4 * 32)  # chunk stats + bottleneck stats, fp32
-    assert sum(saved.values()) == y.numel() * y.element_size() + vectors
+    bottlenecks = 4 * (4 * 32 * 16 * 16 * 4) if keep else 0  # layers x [N, B, H, W] fp32
+    assert sum(saved.values()) == y.numel() * y.element_size() + vectors + bottlenecks
     with torch.no_grad():
         block.eval()
         assert dense_block(x, _params(block), training=False).grad_fn is None
@@ -292,3 +327,21 @@ def test_dense_block_low_precision_training(dtype):
     for (name, p_ref), p_eager, p_fused in zip(ref.named_parameters(), eager.parameters(), fused.parameters()):
         atol = slack * float(p_ref.grad.abs().max())
         assert_close_to_reference(p_fused.grad, p_eager.grad, p_ref.grad, atol=atol, name=f"grad of {name}")
+
+
+def test_kept_bottlenecks_compile_without_graph_break():
+    """The block with kept bottlenecks traces whole (aot_eager, fullgraph) and matches eager."""
+    block = _block(c0=5, k=3, bn_size=1, num_layers=3)
+    layers = _params(block)
+    x = _input((2, 5, 5, 6), torch.float64, False)
+
+    def f(x):
+        return dense_block(x, layers, training=True, keep_bottleneck=True)
+
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc)
+    ye = f(xe)
+    assert max_abs_err(yc, ye) <= 1e-12
+    yc.square().sum().backward()
+    ye.square().sum().backward()
+    assert max_abs_err(xc.grad, xe.grad) <= 1e-10
