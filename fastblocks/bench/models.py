@@ -112,7 +112,7 @@ def default_config(device: torch.device | str, name: str, *, quick: bool = False
         return ModelConfig(64 if name.startswith("densenet") else 256, 224, torch.bfloat16, True, timing=timing)
     if quick:
         return ModelConfig(4, 112, timing={"warmup": 1, "min_reps": 3, "min_time_s": 0.5, "max_time_s": 3.0})
-    return ModelConfig(8, 224, timing={"warmup": 2, "min_reps": 5, "min_time_s": 2.0, "max_time_s": 30.0})
+    return ModelConfig(8, 224, timing={"warmup": 2, "min_reps": 7, "min_time_s": 2.0, "max_time_s": 40.0})
 
 
 def _classes(cfg: ModelConfig) -> dict:
