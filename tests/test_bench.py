@@ -18,7 +18,15 @@ import fastblocks
 from fastblocks import cli
 from fastblocks.bench import models as model_bench
 from fastblocks.bench import ops as op_bench
-from fastblocks.bench.env import busy_warning, command_line, device_slug, environment, slugify
+from fastblocks.bench.env import (
+    busy_warning,
+    command_line,
+    contention_warning,
+    cpu_snapshot,
+    device_slug,
+    environment,
+    slugify,
+)
 from fastblocks.bench.memory import saved_bytes
 from fastblocks.bench.report import BEGIN, END, model_table, op_table, readme_section, speedups
 from fastblocks.bench.results import load_results, write_results
@@ -122,6 +130,17 @@ def test_environment_record():
     assert command_line(["bench", "--quick"], prog="fastblocks") == "fastblocks bench --quick"
     assert busy_warning({"load_average": 0.1, "cpu_count": 2}) is None
     assert "busy" in busy_warning({"load_average": 6.0, "cpu_count": 2})
+
+
+def test_contention_counts_other_processes_only():
+    """CPU time of this process is not contention; other processes' beyond a quarter is."""
+    start = (0.0, 0.0, 0.0)  # (wall s, machine busy CPU s, own CPU s)
+    assert contention_warning(start, 2, end=(10.0, 20.0, 19.0)) is None  # 2 own threads busy
+    assert "other processes used 0.90" in contention_warning(start, 2, end=(10.0, 20.0, 11.0))
+    assert contention_warning(start, 2, end=(10.0, 14.0, 10.0)) is None  # 0.4 of 2 CPUs: tolerated
+    snap = cpu_snapshot()
+    assert snap is None or (len(snap) == 3 and snap[1] >= 0 and snap[2] >= 0)
+    assert contention_warning(None, 2) is None
 
 
 # ----------------------------------------------------------------------------- results files
@@ -238,6 +257,23 @@ def test_run_model_rows_and_skips():
         assert r["images_per_s"] > 0 and r["flops"] > 0 and r["tflops"] > 0
         assert (r["saved_bytes"] is not None) == (r["mode"] == "train")
     assert "| tinynet | 2 x 8 |" in model_table(rows)
+
+
+def test_checkpoint_provider_needs_checkpointed_layers():
+    """ResNet accepts ``memory_efficient`` (a fused-model option) but its eager twin has nothing
+    checkpointed: the provider is skipped there, not run as a second eager model."""
+    import fastblocks.models as fm
+
+    cfg = model_bench.ModelConfig(batch_size=2, image_size=32, num_classes=10, timing=FAST)
+    for name, applies in (("resnet18", False), ("densenet121", True)):
+        builder = model_bench.builder_for(fm, name)
+        state = builder(fused=False, num_classes=10).state_dict()
+        if applies:
+            model = model_bench.build_model(builder, "checkpoint", state, torch.device("cpu"), cfg)
+            assert any(getattr(m, "memory_efficient", False) for m in model.modules())
+        else:
+            with pytest.raises(NotImplementedError, match="checkpointed"):
+                model_bench.build_model(builder, "checkpoint", state, torch.device("cpu"), cfg)
 
 
 def test_folded_provider_runs_inference_only_on_the_folded_model():

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     from fastblocks.bench import models as model_bench
     from fastblocks.bench import ops as op_bench
     from fastblocks.bench import report
-    from fastblocks.bench.env import busy_warning, environment, load_average, summary_line
+    from fastblocks.bench.env import busy_warning, contention_warning, cpu_snapshot, environment, summary_line
     from fastblocks.bench.memory import max_rss_bytes
     from fastblocks.bench.rates import yardsticks
     from fastblocks.bench.results import default_output_dir, results_path, write_results
@@ -199,6 +199,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     out_dir = Path(args.output) if args.output else default_output_dir(env["device_slug"])
     print(f"fastblocks bench on {summary_line(env)}")
     busy = busy_warning(env) if not cuda else None
+    snapshot = cpu_snapshot()
     if busy:
         notes.append(busy)
     for n in notes:
@@ -278,8 +279,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
     # ------------------------------------------------------------------ write and report
     env["max_rss_bytes"] = max_rss_bytes()
-    if not cuda and not busy and (late := busy_warning({**env, "load_average": load_average()})):
-        notes.append(late.replace("is busy", "became busy during the run"))
+    if not cuda and not busy and (late := contention_warning(snapshot, env.get("cpu_count"))):
+        notes.append(late)
     written: list[Path] = []
     history: list[dict] = []
     for suite, rows in (("ops", op_rows), ("models", model_rows)):

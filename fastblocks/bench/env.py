@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +68,42 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:  # pragma: no cover - not on Unix
         return None
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """``(wall s, CPU s busy on the whole machine, CPU s of this process)`` now, from
+    ``/proc/stat`` and ``os.times`` (``None`` where ``/proc/stat`` is missing). Two snapshots give
+    the CPU time other processes took in between (:func:`contention_warning`)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    t = os.times()
+    return time.monotonic(), (sum(fields[:8]) - idle) / hz, t.user + t.system
+
+
+def contention_warning(
+    start: tuple[float, float, float] | None,
+    cores: int | None,
+    end: tuple[float, float, float] | None = None,
+) -> str | None:
+    """A warning when, between the snapshots ``start`` and ``end`` (default: now), other
+    processes used more than a quarter of the machine's CPU time. The benchmark's own threads
+    are not counted, unlike in the load average, which a 2-thread benchmark raises to 2 by itself."""
+    end = end or cpu_snapshot()
+    if start is None or end is None or not cores:
+        return None
+    wall = end[0] - start[0]
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    if wall <= 0 or others <= 0.25 * wall * cores:
+        return None
+    return (
+        f"other processes used {others / wall:.2f} of the {cores} CPUs during the run: they competed "
+        "for the cores and the timings below are unreliable"
+    )
 
 
 def busy_warning(env: dict) -> str | None:

@@ -142,6 +142,10 @@ def build_model(
         if provider == "checkpoint":
             raise NotImplementedError(f"no memory_efficient (checkpointed) variant ({exc})") from exc
         raise
+    if provider == "checkpoint" and not any(
+        getattr(m, "memory_efficient", False) and hasattr(m, "call_checkpoint_bottleneck") for m in model.modules()
+    ):
+        raise NotImplementedError("its eager twin has no checkpointed (memory_efficient) layers")
     model.load_state_dict(state)
     model = model.to(device=device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     if provider == "folded":
