@@ -150,27 +150,30 @@ def _row(case: str, median: float, **extra) -> dict:
             "dtype": "float32", "layout": "nchw", "median_ms": median, "spread_ms": 0.1, **extra}  # fmt: skip
 
 
-def test_results_roundtrip_and_replace_by_key(tmp_path):
+def test_results_roundtrip_and_replace_by_comparison(tmp_path):
     path = tmp_path / "cpu-test" / "ops.json"
     env1 = {"device_slug": "cpu-test", "device_name": "Test CPU", "date": "2030-01-01T00:00:00", "command": "a"}
     env2 = {**env1, "date": "2030-01-02T00:00:00", "command": "b"}
     eager, fused = "add_relu/fwd/eager/2x8x6x6/float32/nchw", "add_relu/fwd/fused/2x8x6x6/float32/nchw"
-    write_results(path, "ops", env1, [_row(eager, 2.0), _row(fused, 1.0)])
+    other = "add_relu/full/eager/2x8x6x6/float32/nchw"
+    write_results(path, "ops", env1, [_row(eager, 2.0), _row(fused, 1.0), _row(other, 5.0)])
     data = load_results(path)
-    assert [r["case"] for r in data["rows"]] == [eager, fused]
+    assert [r["case"] for r in data["rows"]] == [eager, fused, other]
     assert all(r["suite"] == "ops" and r["device"] == "cpu-test" for r in data["rows"])
 
+    # A new run of the fwd comparison (fused only) replaces every provider of it: no ratio is
+    # ever taken between runs. The full-mode comparison, not measured again, stays.
     write_results(path, "ops", env2, [_row(fused, 0.5), _row("bn_relu/fwd/fused/2x8x6x6/float32/nchw", 3.0)])
     data = load_results(path)
     by_case = {r["case"]: r for r in data["rows"]}
-    assert len(data["rows"]) == 3
-    assert by_case[fused]["median_ms"] == 0.5 and by_case[eager]["median_ms"] == 2.0
-    assert by_case[fused]["run"] != by_case[eager]["run"]
-    assert set(data["runs"]) == {by_case[eager]["run"], by_case[fused]["run"]}
+    assert set(by_case) == {fused, other, "bn_relu/fwd/fused/2x8x6x6/float32/nchw"}
+    assert by_case[fused]["median_ms"] == 0.5 and by_case[other]["median_ms"] == 5.0
+    assert fused not in speedups(data["rows"])  # its eager twin was not in the new run
+    assert set(data["runs"]) == {by_case[other]["run"], by_case[fused]["run"]}
     assert data["environment"]["command"] == "b"
 
-    write_results(path, "ops", env2, [_row(eager, 4.0)])  # run 1 no longer has rows: dropped
-    data = load_results(path)
+    write_results(path, "ops", env2, [_row(eager, 4.0), _row(fused, 0.5), _row(other, 1.0)])
+    data = load_results(path)  # run 1 no longer has rows: dropped
     assert len(data["runs"]) == 1 and speedups(data["rows"])[fused] == pytest.approx(8.0)
 
 
@@ -363,3 +366,17 @@ def test_cli_bench_default_runs_ops_and_models_together(tmp_path, monkeypatch):
     assert {(r["provider"], r["mode"]) for r in models} == {
         (p, m) for p in ("eager", "fused") for m in ("train", "infer")
     }
+
+
+def test_one_run_per_comparison_drops_older_providers():
+    """A file from before whole-comparison replacement: the stale provider row goes."""
+    from fastblocks.bench.results import one_run_per_comparison
+
+    runs = {"r1": {"date": "2030-01-01"}, "r2": {"date": "2030-01-02"}}
+    rows = [
+        {**_row("add_relu/fwd/eager/2x8x6x6/float32/nchw", 1.0), "suite": "ops", "device": "d", "run": "r2"},
+        {**_row("add_relu/fwd/compile/2x8x6x6/float32/nchw", 1.0), "suite": "ops", "device": "d", "run": "r1"},
+        {**_row("add_relu/full/eager/2x8x6x6/float32/nchw", 1.0), "suite": "ops", "device": "d", "run": "r1"},
+    ]
+    kept = one_run_per_comparison(rows, runs)
+    assert [r["case"] for r in kept] == [rows[0]["case"], rows[2]["case"]]

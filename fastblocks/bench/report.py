@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fastblocks.bench.env import summary_line
-from fastblocks.bench.results import iter_result_files, load_results
+from fastblocks.bench.results import iter_result_files, load_results, one_run_per_comparison
 
 _PROVIDER_ORDER = ("eager", "compile", "checkpoint", "fused", "fused-compile", "folded")
 _MODE_ORDER = ("fwd", "bwd", "full", "train", "infer")
@@ -282,6 +282,8 @@ def readme_section(results_root: str | os.PathLike) -> str:
             rows = list(data["rows"])
             for r in rows:
                 r.setdefault("device", device)
+                r.setdefault("suite", data.get("suite", ""))
+            rows = one_run_per_comparison(rows, data.get("runs", {}))
             body = "\n\n".join(t for t in (op_table(rows), model_table(rows)) if t)
             if not body:
                 continue

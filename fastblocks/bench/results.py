@@ -65,9 +65,32 @@ def load_results(path: str | os.PathLike) -> dict | None:
         return json.load(f)
 
 
+def group_key(row: dict) -> tuple[str, str, str]:
+    """The comparison a row belongs to: its key without the provider (``case`` is
+    ``name/mode/provider/shape/dtype/layout``), e.g. every provider of one model, mode and shape."""
+    parts = row["case"].split("/")
+    return (row["suite"], row["device"], "/".join(parts[:2] + parts[3:]))
+
+
+def one_run_per_comparison(rows: Iterable[dict], runs: dict[str, dict]) -> list[dict]:
+    """``rows`` keeping, for each comparison (:func:`group_key`), only the rows of its latest run
+    (by the runs' dates): files written before :func:`merge_rows` replaced whole comparisons
+    may hold providers of one comparison from different runs."""
+    rows = list(rows)
+    latest: dict[tuple, tuple[str, str]] = {}
+    for r in rows:
+        stamp = (runs.get(r.get("run"), {}).get("date", ""), r.get("run") or "")
+        latest[group_key(r)] = max(latest.get(group_key(r), stamp), stamp)
+    return [r for r in rows if (runs.get(r.get("run"), {}).get("date", ""), r.get("run") or "") == latest[group_key(r)]]
+
+
 def merge_rows(old: Iterable[dict], new: Iterable[dict]) -> list[dict]:
-    """``old`` with each row of ``new`` replacing the one with its key (or appended)."""
-    rows = {row_key(r): r for r in old}
+    """``old`` with the rows of ``new`` in place of every old row of the same comparison
+    (:func:`group_key`): all providers of one comparison come from one run, so their ratios are
+    never taken across runs. Comparisons ``new`` does not measure are kept."""
+    new = list(new)
+    fresh = {group_key(r) for r in new}
+    rows = {row_key(r): r for r in old if group_key(r) not in fresh}
     for r in new:
         rows[row_key(r)] = r
     return list(rows.values())
@@ -91,7 +114,7 @@ def write_results(path: str | os.PathLike, suite: str, env: dict, rows: Iterable
     old = load_results(path) or {}
     runs = dict(old.get("runs", {}))
     runs[rid] = env
-    merged = merge_rows(old.get("rows", []), fresh)
+    merged = one_run_per_comparison(merge_rows(old.get("rows", []), fresh), runs)
     used = {r.get("run") for r in merged}
     data = {
         "format": FORMAT,
