@@ -147,14 +147,16 @@ def test_running_statistics_cumulative_average():
     _compare_modules(fused, ref, 1e-12, grads=False)
 
 
-def test_dropout_draws_the_eager_masks():
-    """Same seed -> the same masks as eager F.dropout; backward replays them from the saved RNG state."""
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
+def test_dropout_draws_the_eager_masks(keep):
+    """Same seed -> the same masks as eager F.dropout; backward replays them from the saved RNG
+    state (with the bottlenecks recomputed or kept: dropout acts after conv2, not on them)."""
     fused = _block(drop_rate=0.5)
     ref = copy.deepcopy(fused)
     x = _input((3, 5, 6, 6), torch.float64, False)
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(123)
-    yf = dense_block(xf, _params(fused), training=True, drop_rate=0.5)
+    yf = dense_block(xf, _params(fused), training=True, drop_rate=0.5, keep_bottleneck=keep)
     state_after_fused = torch.get_rng_state()
     torch.manual_seed(123)
     yr = dense_block_reference(xr, _params(ref), training=True, drop_rate=0.5)
@@ -273,11 +275,12 @@ def test_triton_backend_in_interpreter():
     _compare_modules(fused, ref, 1e-3)
 
 
-def test_autocast_computes_in_one_dtype():
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
+def test_autocast_computes_in_one_dtype(keep):
     block = _block(dtype=torch.float32)
     x = _input((2, 5, 6, 6), torch.float32, False).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = dense_block(x, _params(block), training=True)
+        y = dense_block(x, _params(block), training=True, keep_bottleneck=keep)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32
@@ -306,8 +309,9 @@ def test_bad_arguments_raise_clear_errors():
         )
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_dense_block_low_precision_training(dtype):
+def test_dense_block_low_precision_training(dtype, keep):
     """fp16/bf16 storage: at most twice eager's error (same dtype) against a float64 reference."""
     ref = _block(c0=6, k=4, bn_size=2, num_layers=3)
     eager, fused = copy.deepcopy(ref).to(dtype), copy.deepcopy(ref).to(dtype)
@@ -316,7 +320,7 @@ def test_dense_block_low_precision_training(dtype):
     outs = [
         dense_block_reference(xs[0], _params(ref), training=True),
         dense_block_reference(xs[1], _params(eager), training=True),
-        dense_block(xs[2], _params(fused), training=True),
+        dense_block(xs[2], _params(fused), training=True, keep_bottleneck=keep),
     ]
     grad = _input(outs[0].shape, torch.float64, False, seed=2)
     for out in outs:
