@@ -160,6 +160,8 @@ def _convert(m: nn.Module) -> nn.Module:
             setattr(m, name, _convert(child))
     if type(m) is nn.Sequential:
         m = _fuse_sequential(m)
+    if isinstance(m, ResNet):  # its blocks are adopted now: choose which tails recompute
+        m._plan_tails()
     if isinstance(m, Fusable) and m._fusable():
         m._set_fused(True)
     return m

@@ -67,6 +67,10 @@ def test_convert_torchvision_resnet18() -> None:
     assert_same_training(converted, ref, steps=2)
 
 
+def _tail_plan(model: R.ResNet) -> list[list[bool]]:
+    return [[b.recompute_tail for b in layer] for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+
+
 def test_convert_torchvision_resnext50_eval() -> None:
     torch.manual_seed(0)
     ref = tv.resnext50_32x4d(num_classes=10)
@@ -74,6 +78,10 @@ def test_convert_torchvision_resnext50_eval() -> None:
     converted = convert(ref)
     assert all(type(b) is R.Bottleneck and b.fused for b in converted.layer3)
     assert converted.layer3[0].conv2.groups == 32
+    # convert() plans the tails as a built ResNeXt does: layer3's and layer4's keep their outputs.
+    plan = _tail_plan(converted)
+    assert plan == _tail_plan(R.resnext50_32x4d(num_classes=10))
+    assert not any(plan[2] + plan[3]) and all(plan[0] + plan[1])
     ref.eval()
     converted.eval()
     x = torch.randn(2, 3, 64, 64)

@@ -355,45 +355,72 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 @functools.cache
-def _resnet50_saved_ratios() -> tuple[float, float]:
+def _resnet50_saved_ratios(memory_efficient: bool | None = None) -> tuple[float, float]:
     """(all saved bytes, activations only) of fused / eager resnet50, training forward on 2x3x64x64."""
-    fused, eager = R.resnet50(fused=True), R.resnet50(fused=False)
+    fused, eager = R.resnet50(fused=True, memory_efficient=memory_efficient), R.resnet50(fused=False)
     x = torch.randn(2, 3, 64, 64)
     (total_f, act_f), (total_e, act_e) = _saved_bytes(fused, x), _saved_bytes(eager, x)
     return total_f / total_e, act_f / act_e
 
 
 def test_memory_saved_bytes_resnet50() -> None:
-    total, activations = _resnet50_saved_ratios()
-    # Measured: activations only 0.509 (total 0.939: the 102 MB of weights the convolutions save
-    # dominate at 64x64). Per bottleneck the fused model keeps the block input and conv1's and
-    # conv2's outputs, 6 units of width*H*W against eager's 12: the tail
+    total, activations = _resnet50_saved_ratios(True)
+    # memory_efficient=True, measured: activations only 0.509 (total 0.939: the 102 MB of weights
+    # the convolutions save dominate at 64x64). Per bottleneck the fused model keeps the block
+    # input and conv1's and conv2's outputs, 6 units of width*H*W against eager's 12: the tail
     # relu(bn3(conv3(relu(bn2(.)))) + identity) recomputes conv3's input and output, and the
     # stem keeps only the image (it recomputes its conv, BN-ReLU and max-pool).
     assert total <= 0.939 + 0.01, total
     assert activations <= 0.509 + 0.02, activations
+    # The default keeps layer3's and layer4's tail outputs (conv3's, 4 units each): measured 0.586.
+    _, default = _resnet50_saved_ratios(None)
+    assert activations + 0.05 <= default <= 0.586 + 0.01, default
 
 
 def test_memory_target_60_percent() -> None:
     """The issue's target: fused ResNet-50 keeps at most 60% of its eager twin's activation bytes."""
-    _, activations = _resnet50_saved_ratios()
+    _, activations = _resnet50_saved_ratios(None)
     assert activations <= 0.60
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [("resnet50", [0, 0, 6, 3]), ("resnet101", [0, 0, 11, 3]), ("resnet152", [0, 0, 18, 3])],
+)
+def test_default_keeps_the_smallest_tails(name: str, kept: list[int]) -> None:
+    """memory_efficient=None keeps the tails of the last blocks (the smallest outputs, 2x smaller
+    per stage, the same recomputation each), up to about 10% of eager's saved activations."""
+    model = getattr(R, name)(num_classes=10)
+    layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+    assert [sum(not b.recompute_tail for b in layer) for layer in layers] == kept
+    layer3 = [b.recompute_tail for b in model.layer3]
+    assert layer3 == sorted(layer3, reverse=True)  # the latest blocks of a stage keep theirs first
+    for flag, expected in ((True, True), (False, False)):
+        model = getattr(R, name)(num_classes=10, memory_efficient=flag)
+        assert all(b.recompute_tail is expected for b in model.modules() if isinstance(b, R.Bottleneck))
+    with pytest.raises(TypeError, match="memory_efficient"):
+        R.resnet50(memory_efficient="yes")
 
 
 def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
     """memory_efficient=False: no recomputed convolution (more saved bytes), same numbers."""
     torch.manual_seed(0)
-    lean, fast = R.resnet50(num_classes=10), R.resnet50(num_classes=10, memory_efficient=False)
+    lean, fast = R.resnet50(num_classes=10, memory_efficient=True), R.resnet50(num_classes=10, memory_efficient=False)
+    default = R.resnet50(num_classes=10)
     fast.load_state_dict(lean.state_dict())
+    default.load_state_dict(lean.state_dict())
     x = torch.randn(2, 3, 64, 64)
     (_, act_lean), (_, act_fast) = _saved_bytes(lean, x), _saved_bytes(fast, x)
+    _saved_bytes(default, x)  # the same training forwards (running statistics) as the others
     assert act_fast > 1.5 * act_lean
     outs = []
-    for m in (lean, fast):
+    for m in (lean, fast, default):
         xl = x.clone().requires_grad_()
         m(xl).square().mean().backward()
         outs.append((m(x).detach(), xl.grad, m.layer1[0].conv3.weight.grad, m.conv1.weight.grad))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for name, buf in lean.state_dict().items():
-        torch.testing.assert_close(buf, fast.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+        for m in (fast, default):
+            torch.testing.assert_close(buf, m.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
