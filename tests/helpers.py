@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastblocks import _backend, _ext
 
@@ -52,3 +53,16 @@ def skip_bf16_in_interpreter(backend: str, dtype: torch.dtype, device: str) -> N
 
 
 BACKENDS_UNDER_TEST = list(_backend.BACKENDS)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the names of the ops dispatched while active. Being a dispatch mode, it also turns
+    off the ops' eager fast paths (``fastblocks.ops._common.eager_path``): the registered op runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))

@@ -39,7 +39,7 @@ from torch import nn
 
 from fastblocks import _backend
 from fastblocks.bench.memory import CUDA_PEAK, SAVED, cuda_peak_bytes, saved_bytes
-from fastblocks.bench.timing import Timing, measure, measure_interleaved, synchronize
+from fastblocks.bench.timing import Timing, measure_interleaved, synchronize
 
 OPS: tuple[str, ...] = ("add_relu", "bn_relu", "bn_add_relu")
 PROVIDERS: tuple[str, ...] = ("eager", "compile", "fused", "fused-compile")
@@ -347,19 +347,10 @@ def run(
 
     Args:
         case: an :class:`OpCase`, or a :class:`Prepared` one (reused across modes).
-        timing: keyword arguments of :func:`fastblocks.bench.timing.measure`.
+        timing: keyword arguments of :func:`fastblocks.bench.timing.measure_interleaved`.
     """
-    device = torch.device(device)
     prep = case if isinstance(case, Prepared) else prepare(case, provider, device)
-    fn = timed_call(prep, mode)
-    kw = {"flush_l2": device.type == "cuda", **(timing or {})}
-    t = measure(fn, device, **kw)
-    _, saved = saved_bytes(prep.forward)
-    peak = cuda_peak_bytes(fn, device) if device.type == "cuda" else None
-    return row(
-        prep.case, prep.provider, mode, t, backend=prep.backend, yardsticks=yardsticks, saved=saved, peak=peak,
-        compile_s=prep.compile_s,
-    )  # fmt: skip
+    return run_interleaved([prep], mode, device, yardsticks=yardsticks, timing=timing)[0]
 
 
 def run_interleaved(

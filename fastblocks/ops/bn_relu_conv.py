@@ -738,21 +738,32 @@ def _stats_grad_into_y(
     return g.to(y.dtype)
 
 
-@_backend.backward_on_forward_backend
-def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+def _backward_inputs(ctx, grad_y, grad_sum, grad_sumsq):
+    """``(g, x, scale, shift, weight, need)`` for either backward below (``g``: the gradient of
+    y with the statistics' gradients folded in, at the output's shape), or ``None`` when nothing is needed."""
     x, scale, shift, weight, y = ctx.saved_tensors
     g = _stats_grad_into_y(grad_y, y, grad_sum, grad_sumsq)
     need = ctx.needs_input_grad
-    need_input, need_weight = any(need[:3]), need[3]
-    if g is None or not (need_input or need_weight):
+    if g is None or not any(need[:4]):
+        return None
+    return g.expand(_out_shape(x, weight, _make_conv(*ctx.conv))), x, scale, shift, weight, need
+
+
+def _picked(grads: tuple, need: tuple) -> tuple:
+    """The 9 input gradients: dx, dscale, dshift, dweight where asked for, None elsewhere."""
+    return (*(t if wanted else None for t, wanted in zip(grads, need[:4])), None, None, None, None, None)
+
+
+@_backend.backward_on_forward_backend
+def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+    prep = _backward_inputs(ctx, grad_y, grad_sum, grad_sumsq)
+    if prep is None:
         return (None,) * 9
-    g = g.expand(_out_shape(x, weight, _make_conv(*ctx.conv)))
-    dx, dscale, dshift, dweight = _bn_relu_conv2d_backward_op(
-        g, x, scale, shift, weight, *ctx.conv, need_input=need_input, need_weight=need_weight
+    g, x, scale, shift, weight, need = prep
+    grads = _bn_relu_conv2d_backward_op(
+        g, x, scale, shift, weight, *ctx.conv, need_input=any(need[:3]), need_weight=need[3]
     )
-    pick = (need[0], need[1], need[2], need[3])
-    grads = tuple(t if wanted else None for t, wanted in zip((dx, dscale, dshift, dweight), pick))
-    return (*grads, None, None, None, None, None)
+    return _picked(grads, need)
 
 
 _bn_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -775,18 +786,12 @@ class _BNReLUConv2dFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @_backend.backward_on_forward_backend
     def backward(ctx, grad_y, grad_sum, grad_sumsq):
-        x, scale, shift, weight, y = ctx.saved_tensors
-        g = _stats_grad_into_y(grad_y, y, grad_sum, grad_sumsq)
-        need = ctx.needs_input_grad
-        need_input, need_weight = any(need[:3]), need[3]
-        if g is None or not (need_input or need_weight):
+        prep = _backward_inputs(ctx, grad_y, grad_sum, grad_sumsq)
+        if prep is None:
             return (None,) * 9
-        conv = _make_conv(*ctx.conv)
-        g = g.expand(_out_shape(x, weight, conv))
+        g, x, scale, shift, weight, need = prep
         bwd = _BWD[_backend.resolve("bn_relu_conv2d", x.device)]
-        dx, dscale, dshift, dweight = bwd(g, x, scale, shift, weight, conv, need_input, need_weight)
-        grads = tuple(t if wanted else None for t, wanted in zip((dx, dscale, dshift, dweight), need[:4]))
-        return (*grads, None, None, None, None, None)
+        return _picked(bwd(g, x, scale, shift, weight, _make_conv(*ctx.conv), any(need[:3]), need[3]), need)
 
 
 # ----------------------------------------------------------------------------- public functional

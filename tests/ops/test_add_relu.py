@@ -6,13 +6,12 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastblocks
 from fastblocks.nn import AddReLU
 from fastblocks.ops.add_relu import add_relu, add_relu_reference, pack_mask, unpack_mask
 from fastblocks.testing import saved_tensor_bytes
-from tests.helpers import BACKENDS_UNDER_TEST, devices, skip_bf16_in_interpreter, skip_unless_available
+from tests.helpers import BACKENDS_UNDER_TEST, RecordOps, devices, skip_bf16_in_interpreter, skip_unless_available
 
 SHAPES = [(1, 63, 7, 7), (2, 3, 13, 13), (4, 8, 16, 16), (5,), (3, 1001), (0, 3, 4, 4), (2, 1, 1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -218,18 +217,6 @@ def test_bad_input_names_the_argument(x, r, exc, words):
         add_relu(x, r)
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records the ops dispatched while active (and, being a mode, disables the eager path)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_eager_path_equals_the_registered_op(backend, layout):
@@ -241,7 +228,7 @@ def test_eager_path_equals_the_registered_op(backend, layout):
     for registered in (False, True):
         xl, rl = x.clone().requires_grad_(), r.clone().requires_grad_()
         g = torch.linspace(-1, 1, x.numel()).view_as(x).requires_grad_()
-        mode = _RecordOps() if registered else contextlib.nullcontext()
+        mode = RecordOps() if registered else contextlib.nullcontext()
         with fastblocks.use_backend(backend), mode:
             out = add_relu(xl, rl)
             gx, gr = torch.autograd.grad(out, (xl, rl), g, create_graph=True)

@@ -7,7 +7,6 @@ import contextlib
 import pytest
 import torch
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastblocks
 from fastblocks.ops.batchnorm import (
@@ -17,7 +16,7 @@ from fastblocks.ops.batchnorm import (
     scale_shift_act,
 )
 from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
-from tests.helpers import BACKENDS_UNDER_TEST, devices, skip_bf16_in_interpreter, skip_unless_available
+from tests.helpers import BACKENDS_UNDER_TEST, RecordOps, devices, skip_bf16_in_interpreter, skip_unless_available
 
 SHAPES = [(1, 63, 7, 7), (2, 3, 13, 13), (4, 16, 5, 9), (3, 17, 1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -135,18 +134,6 @@ def test_bn_stats_and_scale_shift_act_compose_to_batchnorm(backend, channels_las
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records the ops dispatched while active (and, being a mode, disables the eager path)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 @pytest.mark.parametrize("variant", ["bn", "bn_relu", "bn_add_relu", "bn_add"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -159,7 +146,7 @@ def test_eager_path_equals_the_registered_op(backend, variant, training):
     results, buffers = [], []
     for registered in (False, True):
         rm, rv = torch.linspace(-1, 1, 5), torch.linspace(0.5, 2, 5)
-        mode = _RecordOps() if registered else contextlib.nullcontext()
+        mode = RecordOps() if registered else contextlib.nullcontext()
         with fastblocks.use_backend(backend), mode:
 
             def fn(x, w, b, r, rm=rm, rv=rv):
@@ -280,7 +267,7 @@ def test_bn_stats_eager_path_equals_the_registered_op(backend, channels_last):
     results = []
     for registered in (False, True):
         xl = x.detach().clone().requires_grad_()
-        mode = _RecordOps() if registered else contextlib.nullcontext()
+        mode = RecordOps() if registered else contextlib.nullcontext()
         with fastblocks.use_backend(backend), mode:
             mean, var = bn_stats(xl)
             (mean * torch.arange(5.0) + var.square()).sum().backward()

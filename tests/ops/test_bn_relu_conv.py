@@ -12,7 +12,6 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastblocks
 from fastblocks.ops.bn_relu_conv import (
@@ -23,7 +22,7 @@ from fastblocks.ops.bn_relu_conv import (
     bn_relu_conv2d_reference,
 )
 from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
-from tests.helpers import skip_bf16_in_interpreter, skip_unless_available
+from tests.helpers import RecordOps, skip_bf16_in_interpreter, skip_unless_available
 
 OP = "bn_relu_conv2d"
 BACKENDS = ["reference", "triton", "cpu"]
@@ -361,18 +360,6 @@ def test_triton_backend_runs_the_kernels_for_covered_shapes(monkeypatch):
     assert all(t.grad is not None for t in leaves)
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records the ops dispatched while active (and, being a mode, disables the eager path)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stats", [False, True])
 def test_eager_path_equals_the_registered_op(backend, stats):
@@ -384,7 +371,7 @@ def test_eager_path_equals_the_registered_op(backend, stats):
     results = []
     for registered in (False, True):
         leaves = [t.detach().clone().requires_grad_() for t in (x, scale, shift, weight)]
-        mode = _RecordOps() if registered else contextlib.nullcontext()
+        mode = RecordOps() if registered else contextlib.nullcontext()
         with fastblocks.use_backend(backend), mode:
             out = bn_relu_conv2d(*leaves, stats=stats, **_conv_kwargs(case))
             y = out[0] if stats else out
