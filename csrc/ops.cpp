@@ -32,6 +32,22 @@ TORCH_LIBRARY(fastblocks, m) {
   m.def(
       "bn_bwd_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, Tensor a, Tensor b, "
       "Tensor c, bool relu, bool channels_last) -> Tensor dx");
+  // The whole BatchNorm (+ residual) (+ ReLU) in one call per direction (CPU only; plain eager calls
+  // of fastblocks.ops.batchnorm.batch_norm_act): the four kernels above plus the per-channel
+  // arithmetic around them. Training: batch statistics, and with update_running the running
+  // buffers (both given) become (1 - momentum) * running + momentum * batch (unbiased variance).
+  // Eval: the running statistics. Returns (y, mean, biased var) as batch_norm_act.
+  m.def(
+      "bn_fused_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? residual, bool training, float momentum, float eps, bool relu, bool update_running, "
+      "bool channels_last) -> (Tensor y, Tensor mean, Tensor var)");
+  // Its backward from the saved x (and residual, with relu) and statistics: (dx, dweight, dbias,
+  // dres); each is None (undefined) unless asked for and applicable (dres: with a residual and
+  // relu; without relu it is grad_y itself).
+  m.def(
+      "bn_fused_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+      "Tensor? residual, bool training, float eps, bool relu, bool need_dx, bool need_dweight, bool need_dbias, "
+      "bool need_dres, bool channels_last) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dres)");
 }
 
 namespace {

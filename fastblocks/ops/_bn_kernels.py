@@ -1,6 +1,7 @@
 """Fake (meta) kernels of the compiled BatchNorm schemas ``fastblocks::bn_stats_fwd``,
 ``bn_apply``, ``bn_bwd_reduce`` and ``bn_bwd_apply`` (csrc/ops.cpp; CPU kernels in
-csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu).
+csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu), and of the CPU-only one-call
+``bn_fused_fwd``/``bn_fused_bwd``.
 
 They give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
 strides without running anything, and must agree with the real kernels on all three:
@@ -87,3 +88,53 @@ if _ext.loaded() and _schemas_defined():
         channels_last: bool,
     ) -> torch.Tensor:
         return _like_x(x, channels_last)
+
+
+if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("bn_fused_fwd", "bn_fused_bwd")):
+
+    @torch.library.register_fake("fastblocks::bn_fused_fwd")
+    def _(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        relu: bool,
+        update_running: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (_like_x(x, channels_last), *_channel_vectors(x, 2))
+
+    @torch.library.register_fake("fastblocks::bn_fused_bwd")
+    def _(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        residual: torch.Tensor | None,
+        training: bool,
+        eps: float,
+        relu: bool,
+        need_dx: bool,
+        need_dweight: bool,
+        need_dbias: bool,
+        need_dres: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor | None, ...]:
+        dx = _like_x(x, channels_last) if need_dx else None
+        dweight = (
+            torch.empty_like(weight, memory_format=torch.contiguous_format)
+            if need_dweight and weight is not None
+            else None
+        )
+        dbias = (
+            torch.empty_like(bias, memory_format=torch.contiguous_format) if need_dbias and bias is not None else None
+        )
+        dres = _like_x(x, channels_last) if need_dres and residual is not None and relu else None
+        return dx, dweight, dbias, dres

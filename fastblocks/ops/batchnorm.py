@@ -47,6 +47,7 @@ Triton's layer-norm tutorial for the kernel layout.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -775,6 +776,57 @@ class _BatchNormActFunction(torch.autograd.Function):
 _batch_norm_act_op.register_autograd(_bn_backward, setup_context=_bn_setup_context)
 
 
+@functools.cache
+def _whole_cpu_kernels() -> bool:
+    """Whether the extension has the one-call CPU BatchNorm (a stale build may not)."""
+    return _ext.has_kernel("bn_fused_fwd", "CPU") and _ext.has_kernel("bn_fused_bwd", "CPU")
+
+
+class _BatchNormActCPUFunction(torch.autograd.Function):
+    """``batch_norm_act`` for plain eager calls on the compiled CPU backend: one C++ call per
+    direction (``fastblocks::bn_fused_fwd``/``bn_fused_bwd``: the same kernels and per-channel
+    arithmetic as :class:`_BatchNormActFunction`, bit for bit, and the running-statistics update),
+    because around a small activation the dozen per-channel tensor ops dispatched from Python cost
+    as much as the two passes over x. The running buffers travel in a tuple, out of autograd's view:
+    they are updated in place, as ``F.batch_norm`` updates them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, buffers, residual, training, factor, eps, relu):
+        running_mean, running_var = buffers
+        cl = is_channels_last(x)
+        update = training and running_mean is not None
+        y, mean, var = torch.ops.fastblocks.bn_fused_fwd.default(
+            x, weight, bias, running_mean, running_var, residual, training, factor, eps, relu, update, cl
+        )
+        ctx.training, ctx.eps, ctx.relu, ctx.channels_last = training, eps, relu, cl
+        ctx.has_res = residual is not None
+        ctx.save_for_backward(x, weight, bias, residual if relu else None, mean, var)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias, residual, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dweight, dbias, dres = torch.ops.fastblocks.bn_fused_bwd.default(
+            grad_y, x, weight, bias, mean, var, residual, ctx.training, ctx.eps, ctx.relu,
+            need[0], need[1], need[2], need[4] and ctx.has_res, ctx.channels_last,
+        )  # fmt: skip
+        if need[4] and ctx.has_res and not ctx.relu:
+            dres = grad_y
+        return dx, dweight, dbias, None, dres, None, None, None, None
+
+
+def _momentum_factor(momentum: float | None, num_batches_tracked: torch.Tensor | None) -> float:
+    """The running-statistics weight of this batch: ``momentum``, or ``1 / num_batches_tracked``
+    (the cumulative average) when ``momentum`` is None, as ``nn.BatchNorm2d``."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return 1.0 / float(num_batches_tracked)
+
+
 def batch_norm_act(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -807,7 +859,19 @@ def batch_norm_act(
         ``[N, C, H, W]`` in x's dtype and layout.
     """
     _check_bn_inputs(x, weight, bias, running_mean, running_var, residual, training)
-    op = _BatchNormActFunction.apply if eager_path(x) else _batch_norm_act_op
+    eager = eager_path(x)
+    if (
+        eager
+        and x.device.type == "cpu"
+        and x.numel()
+        and _backend.resolve("batch_norm_act", x.device) == "cpu"
+        and _whole_cpu_kernels()
+    ):
+        factor = _momentum_factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
+        return _BatchNormActCPUFunction.apply(
+            x, weight, bias, (running_mean, running_var), residual, training, factor, eps, relu
+        )
+    op = _BatchNormActFunction.apply if eager else _batch_norm_act_op
     y, mean, var = op(x, weight, bias, running_mean, running_var, residual, training, eps, relu)
     if training and running_mean is not None and x.numel():
         update_running_stats(
@@ -831,12 +895,7 @@ def update_running_stats(
     Same rule as ``torch.nn.BatchNorm2d``: the unbiased variance (``var * n / (n - 1)``) is
     stored, and ``momentum=None`` means the cumulative average ``1 / num_batches_tracked``.
     """
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / float(num_batches_tracked)
-    else:
-        factor = momentum
+    factor = _momentum_factor(momentum, num_batches_tracked)
     if isinstance(count, torch.Tensor):
         unbiased = var * (count / (count - 1).clamp_min(1))
     else:

@@ -43,7 +43,7 @@ def _run(fn, x, w, b, r, grad, **kw):
     xl, wl, bl, rl = leaves
     y = fn(xl, wl, bl, rl, **kw)
     y.backward(grad)
-    return y.detach(), xl.grad, wl.grad, bl.grad, None if rl is None else rl.grad
+    return y.detach(), *(None if t is None else t.grad for t in (xl, wl, bl, rl))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -137,25 +137,41 @@ def test_bn_stats_and_scale_shift_act_compose_to_batchnorm(backend, channels_las
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 @pytest.mark.parametrize("variant", ["bn", "bn_relu", "bn_add_relu", "bn_add"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_eager_path_equals_the_registered_op(backend, variant, training):
+@pytest.mark.parametrize(
+    "dtype,channels_last,affine,momentum",
+    [(torch.float32, False, True, 0.1), (torch.float32, True, False, None), (torch.float16, True, True, 0.3)],
+    ids=["fp32-nchw", "fp32-nhwc-noaffine-cumulative", "fp16-nhwc"],
+)
+def test_eager_path_equals_the_registered_op(backend, variant, training, dtype, channels_last, affine, momentum):
     """batch_norm_act skips the custom-op dispatch in plain eager calls (an autograd.Function over
-    the same kernels); both paths must give identical outputs, gradients and buffers."""
+    the same kernels; on the compiled CPU backend one C++ call per direction, which also updates
+    the running buffers); both paths must give identical outputs, gradients and buffers."""
     skip_unless_available("batch_norm_act", backend, "cpu")
-    x, w, b, r, grad = _inputs((3, 5, 6, 7), torch.float32, "cpu", False, seed=4, residual="add" in variant)
+    x, w, b, r, grad = _inputs((3, 5, 6, 7), dtype, "cpu", channels_last, seed=4, residual="add" in variant)
+    if not affine:
+        w = b = None
     relu = "relu" in variant
-    results, buffers = [], []
+    results, buffers, seen = [], [], []
     for registered in (False, True):
         rm, rv = torch.linspace(-1, 1, 5), torch.linspace(0.5, 2, 5)
-        mode = RecordOps() if registered else contextlib.nullcontext()
+        tracked = torch.tensor(3)
+        mode = RecordOps() if registered else torch.profiler.profile()
         with fastblocks.use_backend(backend), mode:
 
-            def fn(x, w, b, r, rm=rm, rv=rv):
-                return batch_norm_act(x, w, b, rm, rv, training=training, residual=r, relu=relu)
+            def fn(x, w, b, r, rm=rm, rv=rv, tracked=tracked):
+                return batch_norm_act(
+                    x, w, b, rm, rv, training=training, residual=r, relu=relu,
+                    momentum=momentum, num_batches_tracked=tracked,
+                )  # fmt: skip
 
             results.append(_run(fn, x, w, b, r, grad))
-        if registered:
-            assert "fastblocks.batch_norm_act.default" in mode.seen
+        seen.append(mode.seen if registered else {e.name for e in mode.events()})
         buffers.append((rm, rv))
+    assert "fastblocks.batch_norm_act.default" in seen[1]
+    one_call = backend == "cpu"  # the compiled CPU backend runs the whole BatchNorm in one call
+    assert ("fastblocks::bn_fused_fwd" in seen[0]) == one_call
+    assert ("fastblocks::bn_fused_bwd" in seen[0]) == one_call
+    assert ("fastblocks::bn_apply" in seen[0]) == (backend == "cuda")
     for a, e in zip(results[0], results[1]):
         assert (a is None and e is None) or torch.equal(a, e)
     for a, e in zip(buffers[0], buffers[1]):

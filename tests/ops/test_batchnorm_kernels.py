@@ -354,3 +354,43 @@ def test_opcheck(dtype, channels_last):
     torch.library.opcheck(ops.bn_bwd_reduce.default, (grad, x, mean, scale, shift, None, False, channels_last))
     args = (grad, x, scale, shift, residual, scale, shift, mean, True, channels_last)
     torch.library.opcheck(ops.bn_bwd_apply.default, args)
+
+
+# ----------------------------------------------------------------------------- one-call forward/backward
+def test_one_call_ops_opcheck_and_bad_input():
+    """bn_fused_fwd / bn_fused_bwd (their results are compared with the four-kernel path, bit for
+    bit, in tests/ops/test_batchnorm.py::test_eager_path_equals_the_registered_op)."""
+    require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
+    ops = _ops()
+    for dtype, cl in ((torch.float32, False), (torch.float16, True)):
+        layout = "channels_last" if cl else "nchw"
+        x, _, _, residual = _case((2, 3, 5, 7), dtype, layout, True, seed=16)
+        grad = _strided(x.shape, dtype, 17)
+        w, b = torch.rand(3) + 0.5, torch.randn(3)
+        rm, rv = torch.randn(3), torch.rand(3) + 0.5
+        torch.library.opcheck(ops.bn_fused_fwd.default, (x, w, b, rm, rv, residual, True, 0.1, 1e-5, True, True, cl))
+        torch.library.opcheck(
+            ops.bn_fused_fwd.default, (x, None, None, rm, rv, None, False, 0.1, 1e-5, False, False, cl)
+        )
+        mean, var = rm.clone(), rv.clone()
+        for need in ((True, True, True, True), (True, False, False, False), (False, True, True, True)):
+            torch.library.opcheck(
+                ops.bn_fused_bwd.default, (grad, x, w, b, mean, var, residual, True, 1e-5, True, *need, cl)
+            )
+        torch.library.opcheck(
+            ops.bn_fused_bwd.default,
+            (grad, x, None, None, mean, var, None, False, 1e-5, False, True, True, True, True, cl),
+        )
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must both be given"):
+        ops.bn_fused_fwd(x, None, None, torch.zeros(3), None, None, True, 0.1, 1e-5, False, False, False)
+    with pytest.raises(RuntimeError, match="eval mode needs running_mean"):
+        ops.bn_fused_fwd(x, None, None, None, None, None, False, 0.1, 1e-5, False, False, False)
+    with pytest.raises(RuntimeError, match="update_running needs training=True"):
+        ops.bn_fused_fwd(x, None, None, torch.zeros(3), torch.ones(3), None, False, 0.1, 1e-5, False, True, False)
+    with pytest.raises(RuntimeError, match="weight must be 1-D with one element per channel"):
+        ops.bn_fused_fwd(x, torch.ones(4), None, None, None, None, True, 0.1, 1e-5, False, False, False)
+    with pytest.raises(RuntimeError, match="var must be 1-D"):
+        ops.bn_fused_bwd(
+            x, x, None, None, torch.zeros(3), torch.ones(2), None, True, 1e-5, False, True, True, True, True, False
+        )
