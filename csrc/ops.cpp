@@ -48,6 +48,12 @@ TORCH_LIBRARY(fastblocks, m) {
       "bn_fused_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
       "Tensor? residual, bool training, float eps, bool relu, bool need_dx, bool need_dweight, bool need_dbias, "
       "bool need_dres, bool channels_last) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dres)");
+  // The ImageNet stem's tail (CPU only): out = maxpool3x3/2 pad 1 of relu(x*scale + shift) (bn_apply's
+  // value), idx = the winning position kh*3 + kw of each window (int8, out's shape and layout;
+  // first maximum in row-major order wins, NaN wins, as F.max_pool2d). bwd: the gradient of that
+  // pool's input [N, C, H, W], each output's gradient routed to its window's winner.
+  m.def("stem_pool_fwd(Tensor x, Tensor scale, Tensor shift, bool channels_last) -> (Tensor out, Tensor idx)");
+  m.def("stem_pool_bwd(Tensor grad_out, Tensor idx, SymInt H, SymInt W, bool channels_last) -> Tensor");
 }
 
 namespace {

@@ -1,7 +1,7 @@
 """Fake (meta) kernels of the compiled BatchNorm schemas ``fastblocks::bn_stats_fwd``,
 ``bn_apply``, ``bn_bwd_reduce`` and ``bn_bwd_apply`` (csrc/ops.cpp; CPU kernels in
 csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu), and of the CPU-only one-call
-``bn_fused_fwd``/``bn_fused_bwd``.
+``bn_fused_fwd``/``bn_fused_bwd`` and the stem's ``stem_pool_fwd``/``stem_pool_bwd``.
 
 They give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
 strides without running anything, and must agree with the real kernels on all three:
@@ -138,3 +138,25 @@ if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("bn_fused_fw
         )
         dres = _like_x(x, channels_last) if need_dres and residual is not None and relu else None
         return dx, dweight, dbias, dres
+
+
+def _pool_out(n: int) -> int:
+    return (n - 1) // 2 + 1  # 3x3 window, stride 2, padding 1
+
+
+if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("stem_pool_fwd", "stem_pool_bwd")):
+
+    @torch.library.register_fake("fastblocks::stem_pool_fwd")
+    def _(
+        x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._check(x.dim() == 4, lambda: f"fastblocks::stem_pool_fwd: x must be 4-D, got shape {tuple(x.shape)}")
+        shape = (x.shape[0], x.shape[1], _pool_out(x.shape[2]), _pool_out(x.shape[3]))
+        fmt = memory_format(channels_last)
+        out = x.new_empty(shape).contiguous(memory_format=fmt)
+        return out, torch.empty_like(out, dtype=torch.int8, memory_format=fmt)
+
+    @torch.library.register_fake("fastblocks::stem_pool_bwd")
+    def _(grad_out: torch.Tensor, idx: torch.Tensor, H: int, W: int, channels_last: bool) -> torch.Tensor:
+        shape = (grad_out.shape[0], grad_out.shape[1], H, W)
+        return grad_out.new_empty(shape).contiguous(memory_format=memory_format(channels_last))

@@ -126,6 +126,7 @@ untested (tests/models/test_densenet_ddp.py runs it eagerly).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,7 +134,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from fastblocks import _backend
+from fastblocks import _backend, _ext
 from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
 from fastblocks.ops.batchnorm import (
     _BY_BACKEND,
@@ -897,8 +898,31 @@ def _update_running(norm: BatchNormParams, mean: torch.Tensor, var: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- stem
+@functools.cache
+def _pool_kernels_built() -> bool:
+    return _ext.has_kernel("stem_pool_fwd", "CPU") and _ext.has_kernel("stem_pool_bwd", "CPU")
+
+
+# Under torch.compile the answer is a constant of the graph (Dynamo cannot trace the dispatcher query).
+_pool_kernels_built_eager = torch.compiler.disable(_pool_kernels_built, recursive=True)
+
+
+@torch.compiler.assume_constant_result
+def _pool_kernels_built_constant() -> bool:
+    return _pool_kernels_built_eager()
+
+
+def _pool_kernels(device: torch.device) -> bool:
+    """Whether the stem's BN-ReLU-maxpool runs as the compiled CPU kernel pair (else: the
+    backend's BN-ReLU, then ``F.max_pool2d``; its backward recomputes both)."""
+    if device.type != "cpu" or _backend.resolve("dense_transition", device) != "cpu":
+        return False
+    return _pool_kernels_built_constant() if torch.compiler.is_compiling() else _pool_kernels_built()
+
+
 class _StemFunction(torch.autograd.Function):
-    """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node; saves x (the network input) and the statistics."""
+    """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node; saves x (the network input), the statistics and,
+    on the compiled CPU backend, the max-pool's winning window positions (int8, one per output)."""
 
     @staticmethod
     def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var, group):
@@ -914,10 +938,14 @@ class _StemFunction(torch.autograd.Function):
         else:
             mean, var = running_mean.to(sd), running_var.to(sd)
         scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
-        out = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1)
+        if _pool_kernels(c.device):
+            # One pass: BN-ReLU-maxpool, keeping which window position won (1 byte per output).
+            out, winners = torch.ops.fastblocks.stem_pool_fwd.default(c, scale, shift, cl)
+        else:
+            out, winners = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1), None
         ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
         ctx.group, ctx.total = group, total
-        ctx.save_for_backward(x, conv_weight, weight, bias, mean, var)
+        ctx.save_for_backward(x, conv_weight, weight, bias, mean, var, winners)
         ctx.mark_non_differentiable(mean, var)
         if total is not None:
             ctx.mark_non_differentiable(total)
@@ -925,18 +953,21 @@ class _StemFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _gm, _gv, _gt):
-        x, conv_weight, weight, bias, mean, var = ctx.saved_tensors
+        x, conv_weight, weight, bias, mean, var, winners = ctx.saved_tensors
         cl = ctx.channels_last
         kern = kernels_for("dense_transition", x.device)
         with _no_autocast(x.device.type):
             c = F.conv2d(x, conv_weight, stride=2, padding=3)
             scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
-            a = kern.apply(c, scale, shift, None, True, cl)
-            _, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
-            da = torch.ops.aten.max_pool2d_with_indices_backward(
-                grad_out, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx
-            )
-            del a, idx
+            if winners is not None:
+                da = torch.ops.fastblocks.stem_pool_bwd.default(grad_out, winners, c.shape[2], c.shape[3], cl)
+            else:
+                a = kern.apply(c, scale, shift, None, True, cl)
+                _, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
+                da = torch.ops.aten.max_pool2d_with_indices_backward(
+                    grad_out, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx
+                )
+                del a, idx
             sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
             if ctx.training:
                 ca, cb, cc = _training_coefficients(scale, invstd, mean, *_dx_sums(ctx, sum_g, sum_gx, c))
@@ -973,6 +1004,11 @@ def stem_conv_bn_relu_pool(
     Backward recomputes the convolution (about 4% of DenseNet-121's forward MACs) instead of
     keeping the conv output, the ReLU output and the max-pool indices: at 224x224 those are
     larger than all four dense-block buffers together. Used by DenseNet; it is ResNet's stem too.
+    On the compiled CPU backend, BN-ReLU-maxpool is one kernel (``fastblocks::stem_pool_fwd``)
+    that also keeps which of the nine window positions won each output (one byte per pooled
+    output, 1/16 of the conv output's fp32 bytes), so backward routes the gradient with
+    ``stem_pool_bwd`` instead of recomputing the BN-ReLU and the max-pool. Other backends
+    recompute them.
 
     Args:
         x: ``[N, C_in, H, W]`` (NCHW or channels_last); the network input.

@@ -230,7 +230,11 @@ def test_saves_only_the_buffer_and_vectors(keep):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", ["transition", "stem"])
-def test_transition_and_stem_match_reference(op, channels_last, training):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_transition_and_stem_match_reference(op, channels_last, training, backend):
+    """On the compiled CPU backend the stem runs BN-ReLU-maxpool as one kernel and keeps the
+    pool's winners; on the others it recomputes BN-ReLU and the max-pool in backward."""
+    skip_unless_available("dense_transition", backend, "cpu")
     torch.manual_seed(0)
     if op == "transition":
         bn, conv = nn.BatchNorm2d(6).double(), nn.Conv2d(6, 3, 1, bias=False).double()
@@ -243,12 +247,20 @@ def test_transition_and_stem_match_reference(op, channels_last, training):
     _randomize_bn(bn, 3)
     bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with (
+        fastblocks.use_backend(backend),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t),
+    ):
+        if op == "transition":
+            yf = fused_fn(xf, BatchNormParams.from_module(bn), conv.weight, training=training)
+        else:
+            yf = fused_fn(xf, conv.weight, BatchNormParams.from_module(bn), training=training)
     if op == "transition":
-        yf = fused_fn(xf, BatchNormParams.from_module(bn), conv.weight, training=training)
         yr = ref_fn(xr, BatchNormParams.from_module(bn_ref), conv_ref.weight, training=training)
     else:
-        yf = fused_fn(xf, conv.weight, BatchNormParams.from_module(bn), training=training)
         yr = ref_fn(xr, conv_ref.weight, BatchNormParams.from_module(bn_ref), training=training)
+        assert (torch.int8 in saved) == (backend == "cpu")  # the pool's winners
     assert yf.shape == yr.shape
     assert max_abs_err(yf, yr) <= 1e-10
     grad = _input(yf.shape, torch.float64, channels_last, seed=5)

@@ -394,3 +394,74 @@ def test_one_call_ops_opcheck_and_bad_input():
         ops.bn_fused_bwd(
             x, x, None, None, torch.zeros(3), torch.ones(2), None, True, 1e-5, False, True, True, True, True, False
         )
+
+
+# ----------------------------------------------------------------------------- stem: BN-ReLU-maxpool
+def _pool_reference(x, scale, shift, channels_last):
+    """bn_apply's BN-ReLU, then PyTorch's max-pool 3x3/2 pad 1 with indices."""
+    a = _ops().bn_apply(x, scale, shift, None, True, channels_last)
+    out, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    return a, out, idx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 13, 13), (2, 5, 8, 9), (1, 4, 1, 1), (2, 3, 2, 3), (2, 64, 30, 28)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stem_pool_matches_max_pool(dtype, shape, layout):
+    """stem_pool_fwd picks the winner F.max_pool2d picks (first maximum, NaN wins; checked on
+    ties and a NaN), and stem_pool_bwd routes the gradient as max_pool2d_with_indices_backward:
+    bit for bit in fp32/fp64; in fp16/bf16 one rounding of each sum instead of one per term."""
+    require_compiled_kernels("stem_pool_fwd", "stem_pool_bwd", dispatch_key="CPU")
+    cl = layout == "channels_last"
+    x, scale, shift, _ = _case(shape, dtype, layout, False, seed=30)
+    x = x.clone()
+    x[:, :, ::3] = 0.25  # ties inside windows (and, after BN-ReLU, windows of zeros)
+    x[0, 0, 0, 0] = float("nan")
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, out_ref, idx_ref = _pool_reference(x, scale, shift, cl)
+    out, winners = _ops().stem_pool_fwd(x, scale, shift, cl)
+    assert winners.dtype == torch.int8 and winners.shape == out.shape == out_ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert torch.equal(out.isnan(), out_ref.isnan())
+    assert torch.equal(out.nan_to_num(7.0), out_ref.nan_to_num(7.0))
+    # The winners name the same input element as PyTorch's flat indices.
+    oh = torch.arange(out.shape[2]).view(1, 1, -1, 1)
+    ow = torch.arange(out.shape[3]).view(1, 1, 1, -1)
+    k = winners.long()
+    flat = (2 * oh - 1 + k // 3) * shape[3] + (2 * ow - 1 + k % 3)
+    assert torch.equal(flat, idx_ref)
+    grad = _strided(out.shape, dtype, 31)
+    gin = _ops().stem_pool_bwd(grad, winners, shape[2], shape[3], cl)
+    gin_ref = torch.ops.aten.max_pool2d_with_indices_backward(grad, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx_ref)
+    assert gin.dtype == dtype and gin.shape == x.shape
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(gin, gin_ref)
+    else:  # at most two windows share a winner in each direction: four terms
+        exact = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.double(), a.double(), [3, 3], [2, 2], [1, 1], [1, 1], False, idx_ref
+        )
+        assert (gin.double() - exact).abs().max() <= 4 * UNIT[dtype] * exact.abs().max() + 1e-12
+
+
+def test_stem_pool_opcheck_and_bad_input():
+    require_compiled_kernels("stem_pool_fwd", "stem_pool_bwd", dispatch_key="CPU")
+    ops = _ops()
+    for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last")):
+        cl = layout == "channels_last"
+        x, scale, shift, _ = _case((2, 3, 9, 8), dtype, layout, False, seed=32)
+        torch.library.opcheck(ops.stem_pool_fwd.default, (x, scale, shift, cl))
+        _, winners = ops.stem_pool_fwd(x, scale, shift, cl)
+        grad = _strided(winners.shape, dtype, 33)
+        torch.library.opcheck(ops.stem_pool_bwd.default, (grad, winners, 9, 8, cl))
+    g = torch.randn(1, 1, 2, 2)
+    with pytest.raises(RuntimeError, match="not a window position inside the input"):
+        ops.stem_pool_bwd(g, torch.full((1, 1, 2, 2), 9, dtype=torch.int8), 3, 3, False)
+    with pytest.raises(RuntimeError, match="not a window position inside the input"):
+        ops.stem_pool_bwd(g, torch.zeros(1, 1, 2, 2, dtype=torch.int8), 3, 3, False)  # (0, 0): padding
+    with pytest.raises(RuntimeError, match="not the 3x3/2 pool of a 5x5 input"):
+        ops.stem_pool_bwd(g, torch.zeros(1, 1, 2, 2, dtype=torch.int8), 5, 5, False)
+    with pytest.raises(RuntimeError, match="idx must be int8"):
+        ops.stem_pool_bwd(g, torch.zeros(1, 1, 2, 2), 3, 3, False)
+    with pytest.raises(RuntimeError, match="scale must be 1-D with one element per channel"):
+        ops.stem_pool_fwd(torch.randn(1, 2, 4, 4), torch.ones(3), torch.zeros(2), False)
