@@ -1006,9 +1006,10 @@ class ResNet(_ResNetBase):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         if self._fused_stem():
-            # One node that keeps only the network input for backward; it recomputes the conv
-            # (3% of ResNet-50's forward MACs) instead of keeping its output, the ReLU output and
-            # the max-pool indices (at 224x224: more than every bottleneck of layer1 keeps).
+            # One node that keeps the network input for backward (and on the CPU one byte per
+            # pooled output, the max-pool's winners); it recomputes the conv (3% of ResNet-50's
+            # forward MACs) instead of keeping its output, the ReLU output and the max-pool's
+            # int64 indices (at 224x224: more than every bottleneck of layer1 keeps).
             norm = BatchNormParams.from_module(self.bn1)
             x = stem_conv_bn_relu_pool(x, self.conv1.weight, norm, training=self.bn1.training)
         else:

@@ -17,8 +17,14 @@ from torch import nn
 
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.fold import FoldedConv2d
-from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act, update_running_stats
-from fastblocks.ops.bn_relu_conv import bn_relu_conv2d
+from fastblocks.ops.batchnorm import (
+    _momentum_factor,
+    batch_norm_act,
+    bn_stats,
+    sync_batch_norm_act,
+    update_running_stats,
+)
+from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv_with_batch_norm, cpu_whole_layer_available
 from fastblocks.ops.bn_relu_conv_bn_add_relu import bn_relu_conv_bn_add_relu2d
 
 
@@ -119,7 +125,9 @@ def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.
     BatchNorm statistics come from ``bn_stats`` (training; running buffers of ``bn`` updated
     once, exactly as ``nn.BatchNorm2d`` would) or from the running buffers (eval); the
     normalization and ReLU are the prologue of :func:`fastblocks.ops.bn_relu_conv.bn_relu_conv2d`,
-    which recomputes the activation in backward.
+    which recomputes the activation in backward. On the compiled CPU backend a plain eager call
+    is one node with the BatchNorm inside (``bn_relu_conv_with_batch_norm``: same results up to
+    rounding, one x-sized pass and one sum of gradients fewer in backward).
 
     Args:
         x: ``[N, C_in, H, W]`` (NCHW or channels_last).
@@ -137,14 +145,37 @@ def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.
         raise ValueError("bn_relu_conv supports zero padding given as integers")
     dtype = _autocast_dtype(x)
     x = x.to(dtype)
-    scale, shift = batch_norm_affine(x, bn)
-    y = bn_relu_conv2d(
-        x, scale, shift, conv.weight.to(dtype),
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-    )  # fmt: skip
+    if cpu_whole_layer_available(x) and not (bn.training and getattr(bn, "process_group", None) is not None):
+        y = _bn_relu_conv_whole(x, bn, conv, dtype)
+    else:
+        scale, shift = batch_norm_affine(x, bn)
+        y = bn_relu_conv2d(
+            x, scale, shift, conv.weight.to(dtype),
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        )  # fmt: skip
     if conv.bias is not None:
         y = y + conv.bias.to(dtype).view(1, -1, 1, 1)
     return y
+
+
+def _bn_relu_conv_whole(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+    """bn_relu_conv as one node on the CPU (see ``bn_relu_conv_with_batch_norm``), with
+    :func:`batch_norm_affine`'s BatchNorm rules."""
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if use_batch and x.numel() // x.shape[1] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    if use_batch:
+        rm, rv = (bn.running_mean, bn.running_var) if update else (None, None)
+    else:
+        rm, rv = bn.running_mean, bn.running_var
+    factor = _momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
+    return bn_relu_conv_with_batch_norm(
+        x, bn.weight, bn.bias, rm, rv, conv.weight.to(dtype), training=use_batch, factor=factor, eps=bn.eps,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+    )  # fmt: skip
 
 
 class BNReLUConv2d(nn.Module):

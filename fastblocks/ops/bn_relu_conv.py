@@ -615,20 +615,22 @@ _BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cpu": _bwd_compiled
 
 
 # ----------------------------------------------------------------------------- registration
-def _check(x: object, scale: object, shift: object, weight: object, conv: _Conv) -> None:
+def _check(x: object, scale: object, shift: object, weight: object, conv: _Conv, *, vectors: bool = True) -> None:
+    """Raise naming the argument on a bad call (``vectors=False``: scale and shift not checked)."""
     check_tensor(x, "x", dim=4)
     check_tensor(weight, "weight", dim=4)
-    check_tensor(scale, "scale", dim=1)
-    check_tensor(shift, "shift", dim=1)
+    named = (("scale", scale), ("shift", shift)) if vectors else ()
+    for name, v in named:
+        check_tensor(v, name, dim=1)
     c = x.shape[1]
-    for v, name in ((weight, "weight"), (scale, "scale"), (shift, "shift")):
+    for name, v in (("weight", weight), *named):
         if v.device != x.device:
             raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
     if weight.dtype != x.dtype:
         raise TypeError(
             f"weight has dtype {str(weight.dtype).replace('torch.', '')} but x has {str(x.dtype).replace('torch.', '')}"
         )
-    for v, name in ((scale, "scale"), (shift, "shift")):
+    for name, v in named:
         if v.shape[0] != c:
             raise ValueError(f"{name} has {v.shape[0]} elements but x has {c} channels")
     if weight.shape[1] * conv.groups != c:
@@ -792,6 +794,110 @@ class _BNReLUConv2dFunction(torch.autograd.Function):
         g, x, scale, shift, weight, need = prep
         bwd = _BWD[_backend.resolve("bn_relu_conv2d", x.device)]
         return _picked(bwd(g, x, scale, shift, weight, _make_conv(*ctx.conv), any(need[:3]), need[3]), need)
+
+
+# ----------------------------------------------------------------------------- whole layer, CPU
+class _BNReLUConvCPUFunction(torch.autograd.Function):
+    """``conv2d(relu(batch_norm(x)))`` with the BatchNorm inside, for plain eager calls on the
+    compiled CPU backend (:func:`bn_relu_conv_with_batch_norm`).
+
+    Split into ``bn_stats`` -> scale/shift -> :func:`bn_relu_conv2d`, the backward is the prologue's
+    reduction and dx pass, then the statistics' own x-sized pass, then autograd adding the two
+    dx (and a dozen small per-channel nodes). Here it is the BatchNorm-ReLU backward of the
+    convolution's input gradient: one reduction and one dx pass (``fastblocks::bn_fused_bwd``).
+    Forward: ``bn_fused_fwd`` (statistics, running-buffer update, the activation), the
+    convolution, the activation freed. Saved: x, the weights and per-channel statistics."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, buffers, training, factor, eps, weight, conv):
+        from fastblocks.ops.batchnorm import _scale_shift  # noqa: F401  (backward's recomputation)
+
+        running_mean, running_var = buffers
+        cl = is_channels_last(x)
+        update = training and running_mean is not None
+        a, mean, var = torch.ops.fastblocks.bn_fused_fwd.default(
+            x, gamma, beta, running_mean, running_var, None, training, factor, eps, True, update, cl
+        )
+        y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        del a
+        ctx.training, ctx.eps, ctx.conv, ctx.channels_last = training, eps, conv, cl
+        ctx.save_for_backward(x, gamma, beta, mean, var, weight)
+        return _layout(y, cl)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        from fastblocks.ops.batchnorm import _scale_shift
+
+        x, gamma, beta, mean, var, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        conv, cl = ctx.conv, ctx.channels_last
+        # The forward's activation, bit for bit: bn_fused_fwd's scale and shift are these ATen ops.
+        scale, shift, _ = _scale_shift(mean, var, gamma, beta, ctx.eps)
+        a = _compiled_activation(x, scale, shift)
+        need_bn = any(need[:3])
+        grad_a, dweight, _ = torch.ops.aten.convolution_backward(
+            grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+            [need_bn, need[7], False],
+        )  # fmt: skip
+        del a
+        dx = dgamma = dbeta = None
+        if need_bn:
+            dx, dgamma, dbeta, _ = torch.ops.fastblocks.bn_fused_bwd.default(
+                grad_a, x, gamma, beta, mean, var, None, ctx.training, ctx.eps, True,
+                need[0], need[1], need[2], False, cl,
+            )  # fmt: skip
+        return dx, dgamma, dbeta, None, None, None, None, dweight if need[7] else None, None
+
+
+def cpu_whole_layer_available(x: torch.Tensor) -> bool:
+    """Whether :func:`bn_relu_conv_with_batch_norm` can run ``x``: a plain eager CPU call with the
+    compiled CPU backend for both the BatchNorm and bn_relu_conv2d and its one-call kernels built."""
+    from fastblocks.ops.batchnorm import _whole_cpu_kernels
+
+    return (
+        x.device.type == "cpu"
+        and x.numel() > 0
+        and eager_path(x)
+        and _backend.resolve("bn_relu_conv2d", x.device) == "cpu"
+        and _backend.resolve("batch_norm_act", x.device) == "cpu"
+        and _whole_cpu_kernels()
+    )
+
+
+def bn_relu_conv_with_batch_norm(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor,
+    *,
+    training: bool,
+    factor: float,
+    eps: float,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``conv2d(relu(batch_norm(x)), weight)`` as one node on the CPU (where
+    :func:`cpu_whole_layer_available`); the caller has checked the BatchNorm's arguments.
+
+    Args:
+        x: ``[N, C_in, H, W]``; gamma, beta: ``[C_in]`` or None; weight ``[C_out, C_in / groups, kh, kw]``.
+        running_mean, running_var: ``[C_in]`` buffers (updated in place with weight ``factor``
+            when ``training``; the normalization's statistics when not), or None.
+        training: normalize with the batch statistics.
+
+    Returns:
+        ``[N, C_out, H_out, W_out]`` (channels_last when x is).
+    """
+    conv = _make_conv(stride, padding, dilation, groups)
+    _check(x, None, None, weight, conv, vectors=False)
+    return _BNReLUConvCPUFunction.apply(
+        x, gamma, beta, (running_mean, running_var), training, factor, eps, weight, conv
+    )
 
 
 # ----------------------------------------------------------------------------- public functional

@@ -999,7 +999,8 @@ def stem_reference(
 def stem_conv_bn_relu_pool(
     x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
 ) -> torch.Tensor:
-    """ImageNet stem ``maxpool3x3/2(relu(bn(conv7x7/2(x))))`` saving only x for backward.
+    """ImageNet stem ``maxpool3x3/2(relu(bn(conv7x7/2(x))))`` saving only x (and, on the CPU, the
+    max-pool's winners: one byte per output) for backward.
 
     Backward recomputes the convolution (about 4% of DenseNet-121's forward MACs) instead of
     keeping the conv output, the ReLU output and the max-pool indices: at 224x224 those are

@@ -369,7 +369,8 @@ def test_memory_saved_bytes_resnet50() -> None:
     # the convolutions save dominate at 64x64). Per bottleneck the fused model keeps the block
     # input and conv1's and conv2's outputs, 6 units of width*H*W against eager's 12: the tail
     # relu(bn3(conv3(relu(bn2(.)))) + identity) recomputes conv3's input and output, and the
-    # stem keeps only the image (it recomputes its conv, BN-ReLU and max-pool).
+    # stem keeps the image and one byte per pooled output, the max-pool's winners (it recomputes
+    # its conv).
     assert total <= 0.939 + 0.01, total
     assert activations <= 0.509 + 0.02, activations
     # The default keeps layer3's and layer4's tail outputs (conv3's, 4 units each): measured 0.587.
@@ -403,7 +404,11 @@ def test_default_keeps_the_smallest_tails(name: str, kept: list[int]) -> None:
 
 
 def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
-    """memory_efficient=False: no recomputed convolution (more saved bytes), same numbers."""
+    """memory_efficient=False: no recomputed convolution (more saved bytes), same numbers.
+
+    Compared in float64: the plans round differently (a recomputing tail is one node, a kept
+    one a BN-ReLU-conv node and a BN-add-ReLU), and in fp32 this two-image, 64x64 ResNet-50
+    amplifies rounding to about 2% of the stem's weight gradient (against eager too)."""
     torch.manual_seed(0)
     lean, fast = R.resnet50(num_classes=10, memory_efficient=True), R.resnet50(num_classes=10, memory_efficient=False)
     default = R.resnet50(num_classes=10)
@@ -414,13 +419,15 @@ def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
     _saved_bytes(default, x)  # the same training forwards (running statistics) as the others
     assert act_fast > 1.5 * act_lean
     outs = []
+    x = x.double()
     for m in (lean, fast, default):
+        m.double()
         xl = x.clone().requires_grad_()
         m(xl).square().mean().backward()
         outs.append((m(x).detach(), xl.grad, m.layer1[0].conv3.weight.grad, m.conv1.weight.grad))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     for name, buf in lean.state_dict().items():
         for m in (fast, default):
-            torch.testing.assert_close(buf, m.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(buf, m.state_dict()[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -1,0 +1,134 @@
+"""``bn_relu_conv`` / ``BNReLUConv2d`` (pre-activation BN-ReLU-conv) against eager
+``nn.BatchNorm2d`` + ReLU + ``nn.Conv2d`` over several training steps and in eval.
+
+On the compiled CPU backend a plain eager call is one autograd node with the BatchNorm inside
+(``bn_fused_fwd``, the convolution, ``bn_fused_bwd``); on the others it is ``bn_stats`` ->
+scale/shift -> ``bn_relu_conv2d``. Both must track eager: outputs, every gradient, the running
+buffers and ``num_batches_tracked``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastblocks
+from fastblocks.nn.conv import BNReLUConv2d, bn_relu_conv
+from fastblocks.testing import max_abs_err
+from tests.helpers import BACKENDS_UNDER_TEST, skip_unless_available
+
+CONFIGS = {
+    "3x3-s2": dict(kernel_size=3, stride=2, padding=1),
+    "1x1": dict(kernel_size=1),
+    "groups2-bias-dil2": dict(kernel_size=3, padding=2, dilation=2, groups=2, bias=True),
+}
+BN_OPTIONS = {
+    "default": {},
+    "cumulative-noaffine": dict(momentum=None, affine=False),
+    "untracked": dict(track_running_stats=False),
+}
+
+
+def _pair(cfg: dict, bn_opts: dict, c_in=4, c_out=6):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(c_in, **bn_opts)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    conv = nn.Conv2d(c_in, c_out, **cfg)
+    eager = nn.Sequential(bn, nn.ReLU(), conv)
+    fused = copy.deepcopy(eager)
+    return eager, fused
+
+
+def _step(eager, fused, x, grad, channels_last):
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = eager(xe)
+    yf = bn_relu_conv(xf, fused[0], fused[2])
+    ye.backward(grad)
+    yf.backward(grad)
+    return ye, yf, xe.grad, xf.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bn_name", list(BN_OPTIONS))
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_tracks_eager_over_steps_and_eval(cfg_name, bn_name, channels_last, backend):
+    skip_unless_available("bn_relu_conv2d", backend, "cpu")
+    eager, fused = _pair(CONFIGS[cfg_name], BN_OPTIONS[bn_name])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        out_shape = eager[2](torch.zeros(3, 4, 9, 8)).shape
+    with fastblocks.use_backend(backend):
+        for _ in range(3):
+            x = torch.randn(3, 4, 9, 8, generator=g) * 2 + 0.5
+            grad = torch.randn(out_shape, generator=g)
+            ye, yf, gxe, gxf = _step(eager, fused, x, grad, channels_last)
+            assert yf.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert max_abs_err(yf, ye) <= 1e-5
+            assert max_abs_err(gxf, gxe) <= 1e-5
+            for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+                assert max_abs_err(pf.grad, pe.grad) <= 1e-4, name
+                pe.grad = pf.grad = None
+            for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+                assert torch.allclose(bf.double(), be.double(), rtol=1e-6, atol=1e-6), name
+        eager.eval()
+        fused.eval()
+        x = torch.randn(2, 4, 9, 8, generator=g)
+        ye, yf, gxe, gxf = _step(eager, fused, x, torch.randn(out_shape[1:]).expand(2, *out_shape[1:]), channels_last)
+        assert max_abs_err(yf, ye) <= 1e-5 and max_abs_err(gxf, gxe) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_cpu_backend_runs_one_node(backend):
+    """On the compiled CPU backend the BatchNorm runs inside the layer's node (no bn_stats, no
+    separate statistics backward); elsewhere the layer is bn_stats + bn_relu_conv2d."""
+    skip_unless_available("bn_relu_conv2d", backend, "cpu")
+    layer = BNReLUConv2d(4, 5, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    with fastblocks.use_backend(backend), torch.profiler.profile() as prof:
+        layer(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    one_node = backend == "cpu"
+    assert ("fastblocks::bn_fused_fwd" in names) == one_node
+    assert ("fastblocks::bn_fused_bwd" in names) == one_node
+    assert any("BNStatsFunction" in n for n in names) != one_node
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_float64(backend, training):
+    skip_unless_available("bn_relu_conv2d", backend, "cpu")
+    torch.manual_seed(0)
+    layer = BNReLUConv2d(3, 4, 3, stride=2, padding=1, bias=True).double()
+    with torch.no_grad():
+        layer.norm.running_mean.uniform_(-0.5, 0.5)
+        layer.norm.running_var.uniform_(0.5, 1.5)
+    layer.train(training)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = (layer.norm.weight, layer.norm.bias, layer.conv.weight, layer.conv.bias)
+
+    def f(x, *p):
+        # Fresh buffers each call: gradcheck calls f many times.
+        norm = copy.deepcopy(layer.norm)
+        norm.weight, norm.bias = p[0], p[1]
+        conv = copy.deepcopy(layer.conv)
+        conv.weight, conv.bias = p[2], p[3]
+        return bn_relu_conv(x, norm, conv)
+
+    with fastblocks.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (x, *[torch.nn.Parameter(p.detach().clone()) for p in params]))
+
+
+def test_one_value_per_channel_in_training_raises_like_torch():
+    layer = BNReLUConv2d(3, 4, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(torch.randn(1, 3, 1, 1))
+    assert int(layer.norm.num_batches_tracked) == 0
