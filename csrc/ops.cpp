@@ -34,7 +34,8 @@ TORCH_LIBRARY(fastblocks, m) {
       "Tensor c, bool relu, bool channels_last) -> Tensor dx");
   // The whole BatchNorm (+ residual) (+ ReLU) in one call per direction (CPU only; plain eager calls
   // of fastblocks.ops.batchnorm.batch_norm_act): the four kernels above plus the per-channel
-  // arithmetic around them. Training: batch statistics, and with update_running the running
+  // arithmetic around them (as loops over C; a shift may differ from the Python formula's by an
+  // ulp, and the backward uses the same arithmetic as the forward). Training: batch statistics, and with update_running the running
   // buffers (both given) become (1 - momentum) * running + momentum * batch (unbiased variance).
   // Eval: the running statistics. Returns (y, mean, biased var) as batch_norm_act.
   m.def(

@@ -860,12 +860,14 @@ at::Tensor bn_bwd_apply_cpu(const at::Tensor& grad_y, const at::Tensor& x, const
 
 // ----------------------------------------------------------------------------- whole forward and backward
 // bn_fused_fwd / bn_fused_bwd: the CPU BatchNorm of fastblocks.ops.batchnorm in one call per
-// direction, for plain eager calls. Around its two passes over x, a BatchNorm call does a dozen
-// per-channel operations (scale and shift, the running-statistics update, the dx coefficients);
-// from Python each costs microseconds of dispatch, which on a small activation (8x2048x7x7) is as
-// much as the passes themselves. Here they are the same ATen operations in the same order as
-// the Python code (_scale_shift, update_running_stats, _dx_coefficients, _bn_backward_impl), so
-// the results are bit-identical to the four-kernel path; only the Python between them is gone.
+// direction, for plain eager calls. Around its two passes over x, a BatchNorm call has a dozen
+// per-channel steps (scale and shift, the running-statistics update, the dx coefficients); as
+// tensor operations each costs microseconds of dispatch (from Python or C++ alike), which on a
+// small activation (8x2048x7x7) adds up to as much as a pass over x. Here they are loops over C.
+//
+// Both directions take scale and shift from scale_shift_loop, so the backward rebuilds exactly
+// the forward's ReLU mask. The values match the Python path's (_scale_shift) to an ulp or so
+// (shift is one fused multiply-add here).
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -878,24 +880,68 @@ void check_param(const std::optional<at::Tensor>& v, const char* name, const at:
               x.device());
 }
 
-at::Tensor as_dtype(const at::Tensor& v, at::ScalarType dt) { return v.scalar_type() == dt ? v : v.to(dt); }
+// v in the accumulation type and contiguous (no copy when it already is), or undefined.
+at::Tensor acc_vector(const std::optional<at::Tensor>& v, at::ScalarType acc) {
+  return has(v) ? v->to(acc).contiguous() : at::Tensor();
+}
 
-// (scale, shift, invstd) of y = x * scale + shift, as fastblocks.ops.batchnorm._scale_shift.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_of(const at::Tensor& mean, const at::Tensor& var,
-                                                              const std::optional<at::Tensor>& weight,
-                                                              const std::optional<at::Tensor>& bias, double eps) {
-  at::Tensor invstd = at::add(var, eps).rsqrt_();
-  at::Tensor scale = has(weight) ? at::mul(as_dtype(*weight, var.scalar_type()), invstd) : invstd;
-  at::Tensor shift = has(bias) ? at::addcmul(as_dtype(*bias, var.scalar_type()), mean, scale, -1)
-                               : at::mul(at::neg(mean), scale);
-  return {scale, shift, invstd};
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// scale = weight * invstd, shift = bias - mean * scale (one fma), invstd = 1 / sqrt(var + eps).
+template <typename acc_t>
+void scale_shift_loop(int64_t C, const acc_t* mean, const acc_t* var, const acc_t* w, const acc_t* b, double eps,
+                      acc_t* scale, acc_t* shift, acc_t* invstd) {
+  const auto e = static_cast<acc_t>(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t is = acc_t(1) / std::sqrt(var[c] + e);
+    const acc_t sc = w != nullptr ? w[c] * is : is;
+    scale[c] = sc;
+    shift[c] = std::fma(-mean[c], sc, b != nullptr ? b[c] : acc_t(0));
+    invstd[c] = is;
+  }
+}
+
+template <typename buf_t, typename stat_t>
+void update_running_loop(int64_t C, buf_t* rm, buf_t* rv, const stat_t* mean, const stat_t* var, double unbias,
+                         double f) {
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = static_cast<buf_t>((1.0 - f) * static_cast<double>(rm[c]) + f * static_cast<double>(mean[c]));
+    rv[c] = static_cast<buf_t>((1.0 - f) * static_cast<double>(rv[c]) + f * static_cast<double>(var[c]) * unbias);
+  }
+}
+
+// running = (1 - momentum) running + momentum batch, with the unbiased variance, as
+// nn.BatchNorm2d's CPU kernel: in double, rounded once to the buffer's dtype.
+void update_running(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                    double momentum) {
+  const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  if (!rm.is_contiguous() || !rv.is_contiguous() || rm.scalar_type() != rv.scalar_type()) {
+    rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);  // unusual buffers: tensor ops
+    rv.mul_(1.0 - momentum).add_(at::mul(var, unbias).to(rv.scalar_type()), momentum);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "bn_update_running", [&] {
+    using buf_t = scalar_t;
+    buf_t* pm = rm.mutable_data_ptr<buf_t>();
+    buf_t* pv = rv.mutable_data_ptr<buf_t>();
+    if (mean.scalar_type() == at::kDouble) {
+      update_running_loop<buf_t, double>(rm.numel(), pm, pv, mean.const_data_ptr<double>(),
+                                         var.const_data_ptr<double>(), unbias, momentum);
+    } else {
+      update_running_loop<buf_t, float>(rm.numel(), pm, pv, mean.const_data_ptr<float>(),
+                                        var.const_data_ptr<float>(), unbias, momentum);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fused_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& residual, bool training, double momentum, double eps, bool relu,
-    bool update_running, bool channels_last) {
+    bool update_running_stats, bool channels_last) {
   constexpr const char* op = "bn_fused_fwd";
   check_x(x, op, channels_last);
   check_param(weight, "weight", x, op);
@@ -905,26 +951,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fused_fwd_cpu(
   TORCH_CHECK(has(running_mean) == has(running_var), "fastblocks::", op,
               ": running_mean and running_var must both be given or both be None");
   TORCH_CHECK(training || has(running_mean), "fastblocks::", op, ": eval mode needs running_mean and running_var");
-  TORCH_CHECK(!update_running || (training && has(running_mean)), "fastblocks::", op,
+  TORCH_CHECK(!update_running_stats || (training && has(running_mean)), "fastblocks::", op,
               ": update_running needs training=True and running buffers");
+  const bool has_res = has(residual);
+  if (has_res) check_like_x(*residual, "residual", x, op);
+  const Geometry g = geometry_of(x, channels_last);
+  TORCH_CHECK(g.M() > 0, "fastblocks::", op, ": empty batch: x has shape ", x.sizes(),
+              ", so there are no values per channel to normalize with");
+  const auto fmt = format_of(channels_last);
+  const auto acc = acc_type_of(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const at::Tensor w = acc_vector(weight, acc), b = acc_vector(bias, acc);
   at::Tensor mean, var;
   if (training) {
-    std::tie(mean, var) = bn_stats_fwd_cpu(x, channels_last);
+    mean = at::empty({g.C}, x.options().dtype(acc));
+    var = at::empty({g.C}, x.options().dtype(acc));
   } else {
-    const auto acc = acc_type_of(x);
     mean = running_mean->to(acc).clone();
     var = running_var->to(acc).clone();
   }
-  const auto [scale, shift, invstd] = scale_shift_of(mean, var, weight, bias, eps);
-  at::Tensor y = bn_apply_cpu(x, scale, shift, residual, relu, channels_last);
-  if (update_running) {  // fastblocks.ops.batchnorm.update_running_stats
+  at::Tensor y = at::empty_like(xc, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_fused_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (training) stats_kernel<scalar_t>(g, xc.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    std::vector<acc_t> scale(g.C), shift(g.C), invstd(g.C);
+    scale_shift_loop<acc_t>(g.C, mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(w),
+                            ptr_or_null<acc_t>(b), eps, scale.data(), shift.data(), invstd.data());
+    dispatch_flags(relu, has_res, [&](auto kRelu, auto kRes) {
+      apply_kernel<scalar_t, decltype(kRelu)::value, decltype(kRes)::value>(
+          g, xc.const_data_ptr<scalar_t>(), scale.data(), shift.data(),
+          has_res ? rc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+    });
+  });
+  if (update_running_stats) {
     at::Tensor rm = *running_mean, rv = *running_var;
-    const int64_t count = x.numel() / x.size(1);
-    const at::Tensor unbiased = at::mul(var, static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1)));
-    rm.mul_(1.0 - momentum);
-    rv.mul_(1.0 - momentum);
-    rm.add_(as_dtype(mean, rm.scalar_type()), momentum);
-    rv.add_(as_dtype(unbiased, rv.scalar_type()), momentum);
+    update_running(rm, rv, mean, var, g.M(), momentum);
   }
   return {y, mean, var};
 }
@@ -939,42 +1001,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_fused_bwd_cpu(
   check_like_x(grad_y, "grad_y", x, op);
   check_param(weight, "weight", x, op);
   check_param(bias, "bias", x, op);
-  const auto [scale, shift, invstd] = scale_shift_of(channel_vector(mean, "mean", x, op),
-                                                     channel_vector(var, "var", x, op), weight, bias, eps);
-  at::Tensor g = grad_y;
-  std::optional<at::Tensor> r = residual;
-  bool masked = relu;
-  at::Tensor dres;
-  if (has(residual) && relu && need_dres) {
-    // dres = g' (the masked gradient); the passes below then read g' and x instead of grad_y, x
-    // and the residual (as _bn_backward_impl).
-    const at::Tensor one = at::ones_like(scale), zero = at::zeros_like(scale);
-    dres = bn_bwd_apply_cpu(grad_y, x, scale, shift, residual, one, zero, zero, true, channels_last);
-    g = dres;
-    r = std::nullopt;
-    masked = false;
-  }
-  at::Tensor sum_g, sum_gx;
-  if (training || need_dweight || need_dbias) {
-    std::tie(sum_g, sum_gx) = bn_bwd_reduce_cpu(g, x, mean, scale, shift, r, masked, channels_last);
-  }
-  at::Tensor dx;
-  if (need_dx) {  // _dx_coefficients
-    const at::Tensor gamma = has(weight) ? as_dtype(*weight, invstd.scalar_type()) : at::ones_like(invstd);
-    const at::Tensor a = at::mul(gamma, invstd);
-    at::Tensor b, c;
-    if (training) {
-      const at::Scalar count(static_cast<int64_t>(x.numel() / x.size(1)));
-      b = at::div(at::mul(at::mul(at::neg(gamma), at::pow(invstd, 3)), sum_gx), count);
-      c = at::sub(at::div(at::mul(at::neg(a), sum_g), count), at::mul(b, mean));
-    } else {
-      b = at::zeros_like(a);
-      c = at::zeros_like(a);
+  const at::Tensor mu = channel_vector(mean, "mean", x, op);
+  const at::Tensor sig = channel_vector(var, "var", x, op);
+  const bool has_res = has(residual);
+  if (has_res) check_like_x(*residual, "residual", x, op);
+  const Geometry g = geometry_of(x, channels_last);
+  TORCH_CHECK(g.M() > 0, "fastblocks::", op, ": empty batch: x has shape ", x.sizes());
+  const auto fmt = format_of(channels_last);
+  const auto acc = acc_type_of(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor gc = grad_y.contiguous(fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
+  const at::Tensor w = acc_vector(weight, acc), b = acc_vector(bias, acc);
+  // dres = g' (the masked gradient); the passes after it then read g' and x instead of grad_y, x
+  // and the residual (as _bn_backward_impl).
+  const bool make_dres = has_res && relu && need_dres;
+  at::Tensor dres = make_dres ? at::empty_like(xc, fmt) : at::Tensor();
+  at::Tensor dx = need_dx ? at::empty_like(xc, fmt) : at::Tensor();
+  const bool want_sums = training || need_dweight || need_dbias;
+  at::Tensor sums = at::zeros({3, g.C}, x.options().dtype(acc));  // Σ g', Σ g' (x - mean), invstd
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_fused_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t C = g.C;
+    acc_t* sum_g = sums.mutable_data_ptr<acc_t>();
+    acc_t* sum_gx = sum_g + C;
+    acc_t* invstd = sum_g + 2 * C;
+    std::vector<acc_t> scale(C), shift(C);
+    const acc_t* m = mu.const_data_ptr<acc_t>();
+    const acc_t* wp = ptr_or_null<acc_t>(w);
+    scale_shift_loop<acc_t>(C, m, sig.const_data_ptr<acc_t>(), wp, ptr_or_null<acc_t>(b), eps, scale.data(),
+                            shift.data(), invstd);
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? rc.const_data_ptr<scalar_t>() : nullptr;
+    bool masked = relu;
+    if (make_dres) {
+      const std::vector<acc_t> one(C, acc_t(1)), zero(C, acc_t(0));
+      bwd_apply_kernel<scalar_t, true, true>(g, gp, xp, rp, scale.data(), shift.data(), one.data(), zero.data(),
+                                             zero.data(), dres.mutable_data_ptr<scalar_t>());
+      gp = dres.const_data_ptr<scalar_t>();
+      rp = nullptr;
+      masked = false;
     }
-    dx = bn_bwd_apply_cpu(g, x, scale, shift, r, a, b, c, masked, channels_last);
-  }
-  at::Tensor dweight = has(weight) && need_dweight ? at::mul(sum_gx, invstd).to(weight->scalar_type()) : at::Tensor();
-  at::Tensor dbias = has(bias) && need_dbias ? sum_g.to(bias->scalar_type()) : at::Tensor();
+    if (want_sums) {
+      dispatch_flags(masked, rp != nullptr, [&](auto kRelu, auto kRes) {
+        bwd_reduce_kernel<scalar_t, decltype(kRelu)::value, decltype(kRes)::value>(
+            g, gp, xp, rp, m, scale.data(), shift.data(), sum_g, sum_gx);
+      });
+    }
+    if (need_dx) {
+      // dx = a g' + b x + c (the derivation is in fastblocks/ops/batchnorm.py), in double.
+      std::vector<acc_t> a(C), bb(C), cc(C);
+      const double count = static_cast<double>(g.M());
+      for (int64_t c = 0; c < C; ++c) {
+        const double is = invstd[c], gamma = wp != nullptr ? static_cast<double>(wp[c]) : 1.0;
+        const double ac = gamma * is;
+        const double bc = training ? -gamma * is * is * is * static_cast<double>(sum_gx[c]) / count : 0.0;
+        const double c0 = training ? -ac * static_cast<double>(sum_g[c]) / count - bc * static_cast<double>(m[c]) : 0.0;
+        a[c] = static_cast<acc_t>(ac);
+        bb[c] = static_cast<acc_t>(bc);
+        cc[c] = static_cast<acc_t>(c0);
+      }
+      dispatch_flags(masked, rp != nullptr, [&](auto kRelu, auto kRes) {
+        bwd_apply_kernel<scalar_t, decltype(kRelu)::value, decltype(kRes)::value>(
+            g, gp, xp, rp, scale.data(), shift.data(), a.data(), bb.data(), cc.data(),
+            dx.mutable_data_ptr<scalar_t>());
+      });
+    }
+  });
+  at::Tensor dweight, dbias;
+  if (has(weight) && need_dweight) dweight = (sums[1] * sums[2]).to(weight->scalar_type());
+  if (has(bias) && need_dbias) dbias = sums[0].to(bias->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   return {dx, dweight, dbias, dres};
 }
 

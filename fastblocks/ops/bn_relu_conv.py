@@ -810,8 +810,6 @@ class _BNReLUConvCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, buffers, training, factor, eps, weight, conv):
-        from fastblocks.ops.batchnorm import _scale_shift  # noqa: F401  (backward's recomputation)
-
         running_mean, running_var = buffers
         cl = is_channels_last(x)
         update = training and running_mean is not None
@@ -827,14 +825,14 @@ class _BNReLUConvCPUFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        from fastblocks.ops.batchnorm import _scale_shift
-
         x, gamma, beta, mean, var, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         conv, cl = ctx.conv, ctx.channels_last
-        # The forward's activation, bit for bit: bn_fused_fwd's scale and shift are these ATen ops.
-        scale, shift, _ = _scale_shift(mean, var, gamma, beta, ctx.eps)
-        a = _compiled_activation(x, scale, shift)
+        # The forward's activation, bit for bit: the same kernel normalizing with the saved
+        # statistics (eval mode of the same op, the same per-channel arithmetic).
+        a = torch.ops.fastblocks.bn_fused_fwd.default(
+            x, gamma, beta, mean, var, None, False, 0.0, ctx.eps, True, False, cl
+        )[0]
         need_bn = any(need[:3])
         grad_a, dweight, _ = torch.ops.aten.convolution_backward(
             grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,

@@ -145,7 +145,9 @@ def test_bn_stats_and_scale_shift_act_compose_to_batchnorm(backend, channels_las
 def test_eager_path_equals_the_registered_op(backend, variant, training, dtype, channels_last, affine, momentum):
     """batch_norm_act skips the custom-op dispatch in plain eager calls (an autograd.Function over
     the same kernels; on the compiled CPU backend one C++ call per direction, which also updates
-    the running buffers); both paths must give identical outputs, gradients and buffers."""
+    the running buffers); both paths must give the same outputs, gradients and buffers: identical
+    bits, except that the one-call path does its per-channel arithmetic in loops (an fma for the
+    shift, the running update and dx coefficients in double): there, within a few ulps."""
     skip_unless_available("batch_norm_act", backend, "cpu")
     x, w, b, r, grad = _inputs((3, 5, 6, 7), dtype, "cpu", channels_last, seed=4, residual="add" in variant)
     if not affine:
@@ -172,10 +174,15 @@ def test_eager_path_equals_the_registered_op(backend, variant, training, dtype, 
     assert ("fastblocks::bn_fused_fwd" in seen[0]) == one_call
     assert ("fastblocks::bn_fused_bwd" in seen[0]) == one_call
     assert ("fastblocks::bn_apply" in seen[0]) == (backend == "cuda")
+    ulps = 8 if one_call else 0
     for a, e in zip(results[0], results[1]):
-        assert (a is None and e is None) or torch.equal(a, e)
+        if a is None or e is None:
+            assert a is None and e is None
+            continue
+        unit = torch.finfo(a.dtype).eps * e.abs().max().clamp_min(1)
+        assert a.dtype == e.dtype and (a - e).abs().max() <= ulps * unit
     for a, e in zip(buffers[0], buffers[1]):
-        assert torch.equal(a, e)
+        assert (a - e).abs().max() <= ulps * torch.finfo(a.dtype).eps * e.abs().max().clamp_min(1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
