@@ -208,18 +208,38 @@ inline void masked_grad(const typename Io::scalar_t* g, const typename Io::AVec*
 struct Geometry {
   int64_t N, C, HW;
   bool rows;  // walk as rows [N*HW][C] (see the header comment), else planes [N*C][HW]
+  // Planes mode: the stride between images of x (the input read through strides), C * HW when
+  // x is dense; larger for a channel prefix x[:, :C] of a wider NCHW tensor (a dense block's
+  // buffer), which the kernels read in place instead of copying. Every other x-sized tensor is
+  // dense. Rows mode: x is dense.
+  int64_t xsn = 0;
   int64_t M() const { return N * HW; }
+  // x's offset of the dense offset off (planes mode; off in plane `plane` = n * C + c).
+  int64_t x_delta(int64_t plane) const { return (plane / C) * (xsn - C * HW); }
 };
 
 Geometry geometry_of(const at::Tensor& x, bool channels_last) {
   int64_t hw = 1;
   for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
-  return {x.size(0), x.size(1), hw, channels_last || hw == 1};
+  return {x.size(0), x.size(1), hw, channels_last || hw == 1, x.size(1) * hw};
 }
 
 at::MemoryFormat format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
+
+// x as the kernels read it: itself when it is a channel prefix of a wider NCHW tensor (planes
+// mode; g.xsn set to its image stride), else dense in the chosen layout (a copy if it is not).
+at::Tensor x_operand(const at::Tensor& x, bool channels_last, Geometry& g) {
+  if (!g.rows && x.dim() == 4 && x.size(0) > 1 && x.stride(3) == 1 && x.stride(2) == x.size(3) &&
+      x.stride(1) == g.HW && x.stride(0) > g.C * g.HW) {
+    g.xsn = x.stride(0);
+    return x;
+  }
+  g.xsn = g.C * g.HW;
+  return x.contiguous(format_of(channels_last));
+}
+
 
 // Calls f(c, n) for the steps of one row of C channels: n == kStep but for the last.
 template <typename Io, typename F>
@@ -230,8 +250,9 @@ inline void for_each_channel_step(int64_t C, const F& f) {
 }
 
 // ----------------------------------------------------------------------------- elementwise driver
-// Calls op(offset, n, p) on every step of a dense x-sized tensor: n <= kStep consecutive
-// elements (one channel in planes mode, consecutive channels in rows mode) and p[k] the
+// Calls op(offset, x_offset, n, p) on every step of a dense x-sized tensor: n <= kStep
+// consecutive elements (one channel in planes mode, consecutive channels in rows mode) at
+// `offset` in the dense tensors and `x_offset` in x (see Geometry::xsn), and p[k] the
 // per-channel vectors params[k] for those lanes.
 template <typename Io, size_t kP, typename Op>
 void for_each_step(const Geometry& g, const std::array<const typename Io::acc_t*, kP>& params, const Op& op) {
@@ -249,12 +270,13 @@ void for_each_step(const Geometry& g, const std::array<const typename Io::acc_t*
       int64_t c = plane % g.C;
       while (i < end) {
         const int64_t stop = std::min(end, (plane + 1) * g.HW);
+        const int64_t xd = g.x_delta(plane);
         for (size_t k = 0; k < kP; ++k) {
           for (int j = 0; j < Io::kVecs; ++j) p[k][j] = AVec(prm[k][c]);
         }
-        for (; i + S <= stop; i += S) fn(i, S, p);
+        for (; i + S <= stop; i += S) fn(i, i + xd, S, p);
         if (i < stop) {
-          fn(i, static_cast<int>(stop - i), p);
+          fn(i, i + xd, static_cast<int>(stop - i), p);
           i = stop;
         }
         ++plane;
@@ -272,7 +294,7 @@ void for_each_step(const Geometry& g, const std::array<const typename Io::acc_t*
         // Full steps with a constant width (the compiler folds the partial-vector paths away).
         for_each_channel_step<Io>(C, [&](int64_t c, int n) {
           for (size_t k = 0; k < kP; ++k) load_channels<Io>(prm[k] + c, n, p[k]);
-          fn(r * C + c, n, p);
+          fn(r * C + c, r * C + c, n, p);
         });
       }
     });
@@ -502,7 +524,7 @@ void stats_kernel(const Geometry& g, const scalar_t* x, at::opmath_type<scalar_t
       } else {
         const PlaneTile pt = plane_tile(t, tile);
         const int64_t n0 = pt.gi * t.G, start = pt.k * t.L;
-        const auto r = runs_mean_m2<Io>(x + (n0 * g.C + pt.c) * g.HW + start, g.C * g.HW, std::min(t.G, g.N - n0),
+        const auto r = runs_mean_m2<Io>(x + n0 * g.xsn + pt.c * g.HW + start, g.xsn, std::min(t.G, g.N - n0),
                                         std::min(t.L, g.HW - start));
         const int64_t q = pt.gi * t.kp + pt.k;
         pmean[q * g.C + pt.c] = r.mean;
@@ -546,9 +568,9 @@ void apply_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<sc
                   const at::opmath_type<scalar_t>* shift, const scalar_t* r, scalar_t* y) {
   using Io = typename IoOf<scalar_t>::type;
   using AVec = typename Io::AVec;
-  for_each_step<Io, 2>(g, {scale, shift}, [=](int64_t off, int n, const AVec (&p)[2][Io::kVecs]) {
+  for_each_step<Io, 2>(g, {scale, shift}, [=](int64_t off, int64_t xoff, int n, const AVec (&p)[2][Io::kVecs]) {
     AVec xv[Io::kVecs], yv[Io::kVecs];
-    Io::load(x + off, xv, n);
+    Io::load(x + xoff, xv, n);
     forward_value<Io, kRes>(xv, p[0], p[1], r, off, n, yv);
     if constexpr (kRelu) {
       // maximum propagates NaN, as torch.relu; relu(round(v)) == round(relu(v)), so the store's
@@ -562,7 +584,8 @@ void apply_kernel(const Geometry& g, const scalar_t* x, const at::opmath_type<sc
 // ----------------------------------------------------------------------------- bn_bwd_reduce
 template <typename Io, bool kRelu, bool kRes>
 void runs_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scalar_t* x, const typename Io::scalar_t* r,
-                   int64_t base, int64_t stride, int64_t planes, int64_t len, typename Io::acc_t mean,
+                   int64_t base, int64_t stride, int64_t x_base, int64_t x_stride, int64_t planes, int64_t len,
+                   typename Io::acc_t mean,
                    typename Io::acc_t scale, typename Io::acc_t shift, typename Io::acc_t* sg_out,
                    typename Io::acc_t* sgx_out) {
   using AVec = typename Io::AVec;
@@ -576,11 +599,11 @@ void runs_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scalar_t*
     sg[j] = sgx[j] = zero;
   }
   for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t off0 = base + pl * stride;
+    const int64_t off0 = base + pl * stride, xoff0 = x_base + pl * x_stride;
     for (int64_t i = 0; i < len; i += S) {
       const int m = static_cast<int>(std::min<int64_t>(S, len - i));
       // Lanes past m load g = 0 (so g' = 0) and add nothing to either sum.
-      Io::load(x + off0 + i, xv, m);
+      Io::load(x + xoff0 + i, xv, m);
       masked_grad<Io, kRelu, kRes>(gy, xv, sv, bv, r, off0 + i, m, gv);
       for (int j = 0; j < V; ++j) {
         sg[j] = sg[j] + gv[j];
@@ -658,7 +681,8 @@ void bwd_reduce_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x,
         const int64_t q = pt.gi * t.kp + pt.k;
         acc_t sg, sgx;
         runs_bwd_sums<Io, kRelu, kRes>(gy, x, r, (n0 * g.C + pt.c) * g.HW + start, g.C * g.HW,
-                                       std::min(t.G, g.N - n0), std::min(t.L, g.HW - start), mean[pt.c],
+                                       n0 * g.xsn + pt.c * g.HW + start, g.xsn, std::min(t.G, g.N - n0),
+                                       std::min(t.L, g.HW - start), mean[pt.c],
                                        scale[pt.c], shift[pt.c], &sg, &sgx);
         pg[q * g.C + pt.c] = sg;
         pgx[q * g.C + pt.c] = sgx;
@@ -689,9 +713,10 @@ void bwd_apply_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, 
                       const at::opmath_type<scalar_t>* c, scalar_t* dx) {
   using Io = typename IoOf<scalar_t>::type;
   using AVec = typename Io::AVec;
-  for_each_step<Io, 5>(g, {scale, shift, a, b, c}, [=](int64_t off, int n, const AVec (&p)[5][Io::kVecs]) {
+  for_each_step<Io, 5>(g, {scale, shift, a, b, c}, [=](int64_t off, int64_t xoff, int n,
+                                                       const AVec (&p)[5][Io::kVecs]) {
     AVec xv[Io::kVecs], gv[Io::kVecs], out[Io::kVecs];
-    Io::load(x + off, xv, n);
+    Io::load(x + xoff, xv, n);
     masked_grad<Io, kRelu, kRes>(gy, xv, p[0], p[1], r, off, n, gv);
     for (int j = 0; j < Io::kVecs; ++j) out[j] = p[2][j] * gv[j] + p[3][j] * xv[j] + p[4][j];
     Io::store(dx + off, out, n);
@@ -753,10 +778,10 @@ void dispatch_flags(bool relu, bool res, const F& f) {
 std::tuple<at::Tensor, at::Tensor> bn_stats_fwd_cpu(const at::Tensor& x, bool channels_last) {
   constexpr const char* op = "bn_stats_fwd";
   check_x(x, op, channels_last);
-  const Geometry g = geometry_of(x, channels_last);
+  Geometry g = geometry_of(x, channels_last);
   TORCH_CHECK(g.M() > 0, "fastblocks::bn_stats_fwd: empty batch: x has shape ", x.sizes(),
               ", so there are no values per channel to take statistics of");
-  const at::Tensor xc = x.contiguous(format_of(channels_last));
+  const at::Tensor xc = x_operand(x, channels_last, g);
   at::Tensor mean = at::empty({g.C}, x.options().dtype(acc_type_of(x)));
   at::Tensor var = at::empty({g.C}, x.options().dtype(acc_type_of(x)));
   if (g.C == 0) return {mean, var};
@@ -777,11 +802,11 @@ at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_like_x(*residual, "residual", x, op);
   const auto fmt = format_of(channels_last);
-  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor y = at::empty(x.sizes(), x.options(), fmt);
+  if (x.numel() == 0) return y;
+  Geometry g = geometry_of(x, channels_last);
+  const at::Tensor xc = x_operand(x, channels_last, g);
   const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
-  at::Tensor y = at::empty_like(xc, fmt);
-  if (xc.numel() == 0) return y;
-  const Geometry g = geometry_of(xc, channels_last);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_flags(relu, has_res, [&](auto kRelu, auto kRes) {
@@ -806,11 +831,11 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cpu(const at::Tensor& grad_y, c
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_like_x(*residual, "residual", x, op);
   const auto fmt = format_of(channels_last);
-  const Geometry g = geometry_of(x, channels_last);
+  Geometry g = geometry_of(x, channels_last);
   at::Tensor sum_g = at::zeros({g.C}, x.options().dtype(acc_type_of(x)));
   at::Tensor sum_gx = at::zeros({g.C}, x.options().dtype(acc_type_of(x)));
   if (x.numel() == 0) return {sum_g, sum_gx};  // sums over no elements
-  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor xc = x_operand(x, channels_last, g);
   const at::Tensor gc = grad_y.contiguous(fmt);
   const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_bwd_reduce_cpu", [&] {
@@ -839,12 +864,12 @@ at::Tensor bn_bwd_apply_cpu(const at::Tensor& grad_y, const at::Tensor& x, const
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_like_x(*residual, "residual", x, op);
   const auto fmt = format_of(channels_last);
-  const at::Tensor xc = x.contiguous(fmt);
-  at::Tensor dx = at::empty_like(xc, fmt);
-  if (xc.numel() == 0) return dx;
+  at::Tensor dx = at::empty(x.sizes(), x.options(), fmt);
+  if (x.numel() == 0) return dx;
+  Geometry g = geometry_of(x, channels_last);
+  const at::Tensor xc = x_operand(x, channels_last, g);
   const at::Tensor gc = grad_y.contiguous(fmt);
   const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
-  const Geometry g = geometry_of(xc, channels_last);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_bwd_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_flags(relu, has_res, [&](auto kRelu, auto kRes) {
@@ -955,12 +980,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fused_fwd_cpu(
               ": update_running needs training=True and running buffers");
   const bool has_res = has(residual);
   if (has_res) check_like_x(*residual, "residual", x, op);
-  const Geometry g = geometry_of(x, channels_last);
+  Geometry g = geometry_of(x, channels_last);
   TORCH_CHECK(g.M() > 0, "fastblocks::", op, ": empty batch: x has shape ", x.sizes(),
               ", so there are no values per channel to normalize with");
   const auto fmt = format_of(channels_last);
   const auto acc = acc_type_of(x);
-  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor xc = x_operand(x, channels_last, g);
   const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
   const at::Tensor w = acc_vector(weight, acc), b = acc_vector(bias, acc);
   at::Tensor mean, var;
@@ -971,7 +996,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fused_fwd_cpu(
     mean = running_mean->to(acc).clone();
     var = running_var->to(acc).clone();
   }
-  at::Tensor y = at::empty_like(xc, fmt);
+  at::Tensor y = at::empty(x.sizes(), x.options(), fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_fused_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) stats_kernel<scalar_t>(g, xc.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
@@ -1005,19 +1030,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_fused_bwd_cpu(
   const at::Tensor sig = channel_vector(var, "var", x, op);
   const bool has_res = has(residual);
   if (has_res) check_like_x(*residual, "residual", x, op);
-  const Geometry g = geometry_of(x, channels_last);
+  Geometry g = geometry_of(x, channels_last);
   TORCH_CHECK(g.M() > 0, "fastblocks::", op, ": empty batch: x has shape ", x.sizes());
   const auto fmt = format_of(channels_last);
   const auto acc = acc_type_of(x);
-  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor xc = x_operand(x, channels_last, g);
   const at::Tensor gc = grad_y.contiguous(fmt);
   const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
   const at::Tensor w = acc_vector(weight, acc), b = acc_vector(bias, acc);
   // dres = g' (the masked gradient); the passes after it then read g' and x instead of grad_y, x
   // and the residual (as _bn_backward_impl).
   const bool make_dres = has_res && relu && need_dres;
-  at::Tensor dres = make_dres ? at::empty_like(xc, fmt) : at::Tensor();
-  at::Tensor dx = need_dx ? at::empty_like(xc, fmt) : at::Tensor();
+  at::Tensor dres = make_dres ? at::empty(x.sizes(), x.options(), fmt) : at::Tensor();
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options(), fmt) : at::Tensor();
   const bool want_sums = training || need_dweight || need_dbias;
   at::Tensor sums = at::zeros({3, g.C}, x.options().dtype(acc));  // Σ g', Σ g' (x - mean), invstd
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_fused_bwd_cpu", [&] {

@@ -465,3 +465,40 @@ def test_stem_pool_opcheck_and_bad_input():
         ops.stem_pool_bwd(g, torch.zeros(1, 1, 2, 2), 3, 3, False)
     with pytest.raises(RuntimeError, match="scale must be 1-D with one element per channel"):
         ops.stem_pool_fwd(torch.randn(1, 2, 4, 4), torch.ones(3), torch.zeros(2), False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channel_prefix_views_are_read_in_place(dtype):
+    """A channel prefix buf[:, :C] of a wider NCHW tensor (a dense block's buffer) is read through
+    its image stride, not copied: every kernel gives the bits it gives on a dense copy."""
+    require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
+    ops = _ops()
+    buf = _make((3, 11, 5, 7), dtype, "nchw", 40)
+    x, xd = buf[:, :6], buf[:, :6].contiguous()
+    assert not x.is_contiguous()
+    scale, shift = _params(xd, 41)
+    mean, var = _channel(6, 42, scale.dtype), _channel(6, 45, scale.dtype, 0.5, 2.0)
+    grad, residual = _make((3, 6, 5, 7), dtype, "nchw", 43), _make((3, 6, 5, 7), dtype, "nchw", 44)
+    calls = [
+        ("bn_stats_fwd", lambda t: ops.bn_stats_fwd(t, False)),
+        ("bn_apply", lambda t: ops.bn_apply(t, scale, shift, residual, True, False)),
+        ("bn_bwd_reduce", lambda t: ops.bn_bwd_reduce(grad, t, mean, scale, shift, residual, True, False)),
+        ("bn_bwd_apply", lambda t: ops.bn_bwd_apply(grad, t, scale, shift, residual, scale, shift, mean, True, False)),
+        (
+            "bn_fused_fwd",
+            lambda t: ops.bn_fused_fwd(t, None, None, None, None, residual, True, 0.1, 1e-5, True, False, False),
+        ),
+        (
+            "bn_fused_bwd",
+            lambda t: ops.bn_fused_bwd(
+                grad, t, None, None, mean, var, residual, True, 1e-5, True, True, True, True, True, False
+            ),
+        ),
+    ]
+    for name, call in calls:
+        with torch.profiler.profile() as prof:
+            got = call(x)
+        assert not any(e.name in ("aten::copy_", "aten::clone") for e in prof.events()), name
+        want = call(xd)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert (a is None and b is None) or torch.equal(a, b), name
