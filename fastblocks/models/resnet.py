@@ -67,7 +67,7 @@ Options beyond torchvision (keyword-only; the defaults give torchvision's networ
   tails with the smallest outputs (the last stages, latest blocks first) keep theirs while the
   kept outputs add up to at most about 10% of the eager twin's saved activations (estimated as
   12 tensors of ``planes x H x W`` per bottleneck, which ResNet-50 measures). In ResNet-50 that
-  keeps layer3's and layer4's: 58.7% of the eager twin's activation bytes instead of 50.9% at
+  keeps layer3's and layer4's: 58.5% of the eager twin's activation bytes instead of 50.9% at
   2x3x64x64 (tests/models/test_resnet.py::test_memory_saved_bytes_resnet50), for
   7 recomputed 1x1 convolutions per step instead of 16. ``True``: every tail recomputes (least
   memory). ``False``: nothing recomputes (fused BN-ReLU-conv and BN-add-ReLU only).

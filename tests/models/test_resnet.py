@@ -373,9 +373,9 @@ def test_memory_saved_bytes_resnet50() -> None:
     # its conv).
     assert total <= 0.939 + 0.01, total
     assert activations <= 0.509 + 0.02, activations
-    # The default keeps layer3's and layer4's tail outputs (conv3's, 4 units each): measured 0.587.
+    # The default keeps layer3's and layer4's tail outputs (conv3's, 4 units each): measured 0.585.
     _, default = _resnet50_saved_ratios(None)
-    assert activations + 0.05 <= default <= 0.587 + 0.01, default
+    assert activations + 0.05 <= default <= 0.585 + 0.01, default
 
 
 def test_memory_target_60_percent() -> None:
