@@ -414,14 +414,14 @@ def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
     default = R.resnet50(num_classes=10)
     fast.load_state_dict(lean.state_dict())
     default.load_state_dict(lean.state_dict())
-    x = torch.randn(2, 3, 64, 64)
+    for m in (lean, fast, default):
+        m.double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     (_, act_lean), (_, act_fast) = _saved_bytes(lean, x), _saved_bytes(fast, x)
     _saved_bytes(default, x)  # the same training forwards (running statistics) as the others
     assert act_fast > 1.5 * act_lean
     outs = []
-    x = x.double()
     for m in (lean, fast, default):
-        m.double()
         xl = x.clone().requires_grad_()
         m(xl).square().mean().backward()
         outs.append((m(x).detach(), xl.grad, m.layer1[0].conv3.weight.grad, m.conv1.weight.grad))
