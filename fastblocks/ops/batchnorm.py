@@ -787,8 +787,9 @@ class _BatchNormActCPUFunction(torch.autograd.Function):
     direction (``fastblocks::bn_fused_fwd``/``bn_fused_bwd``: the same kernels as
     :class:`_BatchNormActFunction`, the per-channel arithmetic and the running-statistics update as
     loops over C), because around a small activation the dozen per-channel tensor ops cost as
-    much as a pass over x. Results agree with the registered op's to an ulp or so. The running buffers travel in a tuple, out of autograd's view:
-    they are updated in place, as ``F.batch_norm`` updates them."""
+    much as a pass over x. Results agree with the registered op's to an ulp or so. The running
+    buffers travel in a tuple, out of autograd's view: they are updated in place, as
+    ``F.batch_norm`` updates them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, buffers, residual, training, factor, eps, relu):

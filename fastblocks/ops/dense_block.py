@@ -26,11 +26,12 @@ their shared-storage tricks, because one autograd node owns everything):
 Bytes saved for backward by a DenseNet-201 training forward, fp32, parameters excluded,
 storages de-duplicated (tests/models/test_densenet.py::test_saved_bytes_densenet201_224,
 ``pytest -m slow``), with this block, ``dense_transition`` and the fused stem below:
-    8x3x224x224: eager 1549 MiB, torchvision checkpointing 543 MiB (35.0%); fused 94.8 MiB
-    (6.1%) with the default ``keep_bottleneck``, 58.0 MiB (3.75%) with every bottleneck
+    8x3x224x224: eager 1549 MiB, torchvision checkpointing 543 MiB (35.0%); fused 96.3 MiB
+    (6.2%) with the default ``keep_bottleneck``, 59.6 MiB (3.84%) with every bottleneck
     recomputed; lower bound (the four block buffers + the input) 54.9 MiB (3.55%). The rest is
-    the final ReLU's output (kept by the global average pool) and the statistics vectors.
-    2x3x64x64: eager 32.5 MiB, fused 2.11 MiB (6.5%) / 1.36 MiB (4.2%), lower bound 1.12 MiB (3.5%).
+    the final ReLU's output (kept by the global average pool), the stem's max-pool winners
+    (1.5 MiB) and the statistics vectors.
+    2x3x64x64: eager 32.5 MiB, fused 2.14 MiB (6.6%) / 1.39 MiB (4.3%), lower bound 1.12 MiB (3.5%).
 
 Backward derivation (one layer ``i``, names as in ``_DenseBlockFunction.backward``).
 ``X = buf[:, :C_i]``, its chunk statistics ``mu1, var1`` (``[C_i]``), ``inv1 = (var1+eps)^-1/2``,
@@ -398,8 +399,8 @@ def _channel_rows(t: torch.Tensor, start: int, stop: int, cl: bool) -> torch.Ten
     ``[N, (stop - start) H W]`` (NCHW) or ``[N H W, stop - start]`` (channels_last).
 
     Copies and in-place adds into a 4-D channel slice ``t[:, start:stop]`` take a slow strided
-    path in PyTorch's CPU kernels (7x slower than the same bytes as a 2-D view at 8x32x14x14);
-    the dense block writes such slices every layer.
+    path in PyTorch's CPU kernels (several times slower than the same bytes as a 2-D view for a
+    dense layer's 32-channel chunk); the dense block writes such slices every layer.
     """
     n, c, h, w = t.shape
     if cl:
