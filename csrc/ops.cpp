@@ -32,6 +32,12 @@ TORCH_LIBRARY(fastblocks, m) {
   m.def(
       "bn_bwd_apply(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, Tensor? residual, Tensor a, Tensor b, "
       "Tensor c, bool relu, bool channels_last) -> Tensor dx");
+  // bn_bwd_reduce's sums (no residual) and, in the same pass, acc += scale * g' in place (CPU only;
+  // the dense block's norm1 backward). acc has x's shape and dtype; it is written in place when laid
+  // out as x is read (dense, or an NCHW channel prefix with x's image stride), else through a copy.
+  m.def(
+      "bn_bwd_reduce_add_(Tensor(a!) acc, Tensor grad_y, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+      "bool relu, bool channels_last) -> (Tensor sum_g, Tensor sum_gx)");
   // The whole BatchNorm (+ residual) (+ ReLU) in one call per direction (CPU only; plain eager calls
   // of fastblocks.ops.batchnorm.batch_norm_act): the four kernels above plus the per-channel
   // arithmetic around them (as loops over C; a shift may differ from the Python formula's by an
@@ -55,6 +61,14 @@ TORCH_LIBRARY(fastblocks, m) {
   // pool's input [N, C, H, W], each output's gradient routed to its window's winner.
   m.def("stem_pool_fwd(Tensor x, Tensor scale, Tensor shift, bool channels_last) -> (Tensor out, Tensor idx)");
   m.def("stem_pool_bwd(Tensor grad_out, Tensor idx, SymInt H, SymInt W, bool channels_last) -> Tensor");
+  // DenseNet's transition tail (CPU only): out = avgpool2x2/2 (floor, no padding) of relu(x*scale + shift)
+  // (bn_apply's value). bwd: the gradient of x through that pool and a BatchNorm-ReLU with the given
+  // statistics (training: batch statistics, whose dependence on x is included; else fixed), with
+  // Σ g' and Σ g' (x - mean) (g' the gradient at the ReLU's output) for the parameter gradients.
+  m.def("transition_pool_fwd(Tensor x, Tensor scale, Tensor shift, bool channels_last) -> Tensor");
+  m.def(
+      "transition_pool_bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor invstd, "
+      "bool training, bool channels_last) -> (Tensor dx, Tensor sum_g, Tensor sum_gx)");
 }
 
 namespace {

@@ -1,7 +1,8 @@
 """Fake (meta) kernels of the compiled BatchNorm schemas ``fastblocks::bn_stats_fwd``,
 ``bn_apply``, ``bn_bwd_reduce`` and ``bn_bwd_apply`` (csrc/ops.cpp; CPU kernels in
 csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu), and of the CPU-only one-call
-``bn_fused_fwd``/``bn_fused_bwd`` and the stem's ``stem_pool_fwd``/``stem_pool_bwd``.
+``bn_fused_fwd``/``bn_fused_bwd``, the dense block's ``bn_bwd_reduce_add_``, the stem's
+``stem_pool_fwd``/``stem_pool_bwd`` and the transition's ``transition_pool_fwd``/``transition_pool_bwd``.
 
 They give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
 strides without running anything, and must agree with the real kernels on all three:
@@ -140,6 +141,22 @@ if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("bn_fused_fw
         return dx, dweight, dbias, dres
 
 
+if _ext.loaded() and hasattr(torch.ops.fastblocks, "bn_bwd_reduce_add_"):
+
+    @torch.library.register_fake("fastblocks::bn_bwd_reduce_add_")
+    def _(
+        acc: torch.Tensor,
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        relu: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _channel_vectors(x, 2)
+
+
 def _pool_out(n: int) -> int:
     return (n - 1) // 2 + 1  # 3x3 window, stride 2, padding 1
 
@@ -160,3 +177,27 @@ if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("stem_pool_f
     def _(grad_out: torch.Tensor, idx: torch.Tensor, H: int, W: int, channels_last: bool) -> torch.Tensor:
         shape = (grad_out.shape[0], grad_out.shape[1], H, W)
         return grad_out.new_empty(shape).contiguous(memory_format=memory_format(channels_last))
+
+
+if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("transition_pool_fwd", "transition_pool_bwd")):
+
+    @torch.library.register_fake("fastblocks::transition_pool_fwd")
+    def _(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        torch._check(
+            x.dim() == 4, lambda: f"fastblocks::transition_pool_fwd: x must be 4-D, got shape {tuple(x.shape)}"
+        )
+        shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
+        return x.new_empty(shape).contiguous(memory_format=memory_format(channels_last))
+
+    @torch.library.register_fake("fastblocks::transition_pool_bwd")
+    def _(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        invstd: torch.Tensor,
+        training: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (_like_x(x, channels_last), *_channel_vectors(x, 2))

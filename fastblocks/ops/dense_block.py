@@ -114,7 +114,16 @@ only its input (the block buffer, already saved by the block) and the statistics
 *before* the 1x1 conv: both are linear and the conv acts per pixel, so
 ``pool(conv1x1(a)) == conv1x1(pool(a))``; pooling first runs the conv on a quarter of the
 pixels (4x fewer MACs forward and backward). Results differ from torchvision's order by
-rounding only.
+rounding only. On the compiled CPU backend (eager calls) BN-ReLU-avgpool is one kernel each way
+(``fastblocks::transition_pool_fwd``: one read of x, the pooled quarter written;
+``transition_pool_bwd``: the sums, then dx, reading the pool's gradient at its own size) instead
+of writing the BN-ReLU output and the pool's full-size gradient (PyTorch's CPU ``avg_pool2d`` and
+its backward on an NCHW tensor are also far from copy bandwidth).
+
+norm1's backward on the compiled CPU backend (eager calls) is one pass over the prefix,
+``fastblocks::bn_bwd_reduce_add_``: the sums ``sg1, sgx1`` and ``G[:, :C_i] += s1 g1'`` written
+into the gradient buffer in place; elsewhere (and under torch.compile) ``bn_bwd_reduce``, then
+``bn_bwd_apply`` into a temporary added to ``G``: three more passes over the prefix per layer.
 
 Limits: the bottleneck convs are ``torch`` convolutions on the (transient) activation; the
 BN-ReLU prologue fusion into the 1x1 GEMM is future work. The kernel-table functions take
@@ -529,6 +538,22 @@ def _fold_stats_grad(
         g_rows.copy_(_rows_of(new, cl))
 
 
+@functools.cache
+def _reduce_add_built() -> bool:
+    return _ext.has_kernel("bn_bwd_reduce_add_", "CPU")
+
+
+def _reduce_add_kernel(device: torch.device) -> bool:
+    """Whether norm1's backward in the dense block (its sums and the direct part of dx, added
+    into the gradient buffer) is one pass of ``fastblocks::bn_bwd_reduce_add_``: eager calls on
+    the compiled CPU backend. Otherwise (and under torch.compile) ``bn_bwd_reduce``, then
+    ``bn_bwd_apply`` into a temporary that is added to the buffer (three passes more over the
+    prefix)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return _backend.resolve("dense_block", device) == "cpu" and _reduce_add_built()
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     """The whole dense block as one autograd node (see the module docstring for the math)."""
 
@@ -566,6 +591,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         group = ctx.group
         m = n * h * w if group is None else ctx.total  # the count behind the statistics
         grads: list[torch.Tensor | None] = [None] * (nparams + nrun)
+        direct_add = _reduce_add_kernel(buf.device)
         with _no_autocast(buf.device.type):
             g = torch.empty_like(buf)  # the one gradient buffer
             g.copy_(grad_buf)
@@ -611,11 +637,16 @@ class _DenseBlockFunction(torch.autograd.Function):
                 da1, dw1 = _conv_backward(dbott, a1, w1, 0)
                 del dbott, a1
                 # norm1 + relu1 with the statistics held fixed; their share goes to gmu/gvar.
-                sg1, sgx1 = kern.bwd_reduce(da1, x_pre, m1, s1, t1, None, True, cl)
-                zero = torch.zeros_like(s1)
-                _channel_rows(g, 0, ci, cl).add_(
-                    _rows_of(kern.bwd_apply(da1, x_pre, s1, t1, None, s1, zero, zero, True, cl), cl)
-                )
+                if direct_add:  # sums and G[:, :C_i] += s1 g1' in one pass over the prefix
+                    sg1, sgx1 = torch.ops.fastblocks.bn_bwd_reduce_add_.default(
+                        g[:, :ci], da1, x_pre, m1, s1, t1, True, cl
+                    )
+                else:
+                    sg1, sgx1 = kern.bwd_reduce(da1, x_pre, m1, s1, t1, None, True, cl)
+                    zero = torch.zeros_like(s1)
+                    _channel_rows(g, 0, ci, cl).add_(
+                        _rows_of(kern.bwd_apply(da1, x_pre, s1, t1, None, s1, zero, zero, True, cl), cl)
+                    )
                 del da1
                 if cfg.training:
                     gmu[:ci] -= s1 * sg1
@@ -826,6 +857,27 @@ def _dx_sums(
     return (*_all_reduce_pair(sum_g, sum_gx, ctx.group), ctx.total)
 
 
+@functools.cache
+def _transition_kernels_built() -> bool:
+    return _ext.has_kernel("transition_pool_fwd", "CPU") and _ext.has_kernel("transition_pool_bwd", "CPU")
+
+
+def _transition_kernels(device: torch.device) -> bool:
+    """Whether the transition's BN-ReLU-avgpool runs as the compiled CPU kernel pair
+    (``fastblocks::transition_pool_fwd``/``transition_pool_bwd``): eager calls on the compiled CPU
+    backend. Otherwise (and under torch.compile) the backend's BN-ReLU, then ``F.avg_pool2d``."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return _backend.resolve("dense_transition", device) == "cpu" and _transition_kernels_built()
+
+
+def _transition_pool(x: torch.Tensor, kern, scale: torch.Tensor, shift: torch.Tensor, cl: bool) -> torch.Tensor:
+    """``avg_pool2d(relu(x * scale + shift), 2, 2)``: ``[N, C, H, W] -> [N, C, H // 2, W // 2]``."""
+    if _transition_kernels(x.device):
+        return torch.ops.fastblocks.transition_pool_fwd.default(x, scale, shift, cl)
+    return F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
+
+
 class _TransitionFunction(torch.autograd.Function):
     """BN-ReLU-avgpool(2)-conv1x1 as one node; saves x and the statistics, recomputes the rest."""
 
@@ -842,7 +894,7 @@ class _TransitionFunction(torch.autograd.Function):
         else:
             mean, var = running_mean.to(sd), running_var.to(sd)
         scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
-        pooled = F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
+        pooled = _transition_pool(x, kern, scale, shift, cl)
         out = F.conv2d(pooled, conv_weight)
         ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
         ctx.group, ctx.total = group, total
@@ -859,9 +911,17 @@ class _TransitionFunction(torch.autograd.Function):
         kern = kernels_for("dense_transition", x.device)
         with _no_autocast(x.device.type):
             scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
-            pooled = F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
+            pooled = _transition_pool(x, kern, scale, shift, cl)
             dpooled, dconv = _conv_backward(grad_out, pooled, conv_weight, 0)
             del pooled
+            if ctx.group is None and _transition_kernels(x.device):
+                # Sums and dx in two passes over x, the pool's gradient read at its own size.
+                dx, sum_g, sum_gx = torch.ops.fastblocks.transition_pool_bwd.default(
+                    dpooled, x, mean, scale, shift, invstd, ctx.training, cl
+                )
+                dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
+                dbias = None if bias is None else sum_g.to(bias.dtype)
+                return dx, None, None, dweight, dbias, dconv, None, None, None
             # avg_pool2d_backward reads only the shape of `self`: x has it.
             da = torch.ops.aten.avg_pool2d_backward(dpooled, x, [2, 2], [2, 2], [0, 0], False, True, None)
             del dpooled

@@ -92,6 +92,30 @@ def test_dense_block_matches_reference(dtype, channels_last, training):
     _compare_modules(fused, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dense_block_cpu_and_reference_backends_agree(dtype, channels_last, training):
+    """The compiled CPU backend's backward takes norm1's sums and its direct dx share in one pass
+    (``bn_bwd_reduce_add_``, added into the gradient buffer in place); the reference backend the
+    separate kernels. Same outputs, gradients and buffers."""
+    skip_unless_available("dense_block", "cpu", "cpu")
+    blocks = {b: _block(dtype=dtype, num_layers=4) for b in ("cpu", "reference")}
+    x = _input((3, 5, 6, 7), dtype, channels_last)
+    grad = _input((3, 5 + 4 * 3, 6, 7), dtype, channels_last, seed=2)
+    results = {}
+    for backend, block in blocks.items():
+        xb = x.clone().requires_grad_()
+        with fastblocks.use_backend(backend), torch.profiler.profile() as prof:
+            y = dense_block(xb, _params(block), training=training)
+            y.backward(grad)
+        assert ("fastblocks::bn_bwd_reduce_add_" in {e.name for e in prof.events()}) == (backend == "cpu")
+        results[backend] = (y.detach(), xb.grad)
+    for a, b in zip(results["cpu"], results["reference"]):
+        assert max_abs_err(a, b) <= TOL[dtype] * max(1.0, float(b.abs().max()))
+    _compare_modules(blocks["cpu"], blocks["reference"], TOL[dtype])
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_dense_block_gradcheck(training, keep):
@@ -251,11 +275,17 @@ def test_transition_and_stem_match_reference(op, channels_last, training, backen
     with (
         fastblocks.use_backend(backend),
         torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t),
+        torch.profiler.profile() as prof,
     ):
         if op == "transition":
             yf = fused_fn(xf, BatchNormParams.from_module(bn), conv.weight, training=training)
         else:
             yf = fused_fn(xf, conv.weight, BatchNormParams.from_module(bn), training=training)
+        yf.backward(_input(yf.shape, torch.float64, channels_last, seed=5))
+    ran = {e.name for e in prof.events()}
+    if op == "transition":  # BN-ReLU-avgpool as one kernel each way on the compiled CPU backend
+        for kernel in ("fastblocks::transition_pool_fwd", "fastblocks::transition_pool_bwd"):
+            assert (kernel in ran) == (backend == "cpu"), kernel
     if op == "transition":
         yr = ref_fn(xr, BatchNormParams.from_module(bn_ref), conv_ref.weight, training=training)
     else:
@@ -263,12 +293,37 @@ def test_transition_and_stem_match_reference(op, channels_last, training, backen
         assert (torch.int8 in saved) == (backend == "cpu")  # the pool's winners
     assert yf.shape == yr.shape
     assert max_abs_err(yf, yr) <= 1e-10
-    grad = _input(yf.shape, torch.float64, channels_last, seed=5)
-    yf.backward(grad)
-    yr.backward(grad)
+    yr.backward(_input(yf.shape, torch.float64, channels_last, seed=5))
     assert max_abs_err(xf.grad, xr.grad) <= 1e-10
     for a, b in ((bn, bn_ref), (conv, conv_ref)):
         _compare_modules(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", ["transition", "stem"])
+def test_transition_and_stem_gradcheck(op, training, channels_last):
+    """float64 gradcheck of the transition's and the stem's hand-written backward (odd sizes: the
+    transition's last row and column lie in no pooling window)."""
+    torch.manual_seed(0)
+    if op == "transition":
+        bn, conv = nn.BatchNorm2d(3).double(), nn.Conv2d(3, 2, 1, bias=False).double()
+        x = _input((2, 3, 5, 7), torch.float64, channels_last)
+    else:
+        bn, conv = nn.BatchNorm2d(3).double(), nn.Conv2d(2, 3, 7, 2, 3, bias=False).double()
+        x = _input((2, 2, 9, 8), torch.float64, channels_last)
+    _randomize_bn(bn, 4)
+    # Training without running buffers: every gradcheck evaluation would update them.
+    norm = BatchNormParams(bn.weight, bn.bias) if training else BatchNormParams.from_module(bn)
+
+    def fn(x, weight, bias, conv_weight):
+        p = BatchNormParams(weight, bias, norm.running_mean, norm.running_var)
+        if op == "transition":
+            return dense_transition(x, p, conv_weight, training=training)
+        return stem_conv_bn_relu_pool(x, conv_weight, p, training=training)
+
+    inputs = (x.requires_grad_(), bn.weight, bn.bias, conv.weight)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_triton_backend_in_interpreter():

@@ -502,3 +502,195 @@ def test_channel_prefix_views_are_read_in_place(dtype):
         want = call(xd)
         for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert (a is None and b is None) or torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- dense block: reduce + add
+def _reduce_add_case(shape, dtype, layout, prefix, seed):
+    """(acc, x, grad, mean, scale, shift) with x and acc channel prefixes of wider tensors when
+    ``prefix`` (a dense block's buffer and gradient buffer), else dense in ``layout``."""
+    n, c, h, w = shape
+    fmt = _fmt(layout)
+    if prefix:
+        x = _make((n, c + 5, h, w), dtype, layout, seed, scale=2.0, offset=0.3)[:, :c]
+        acc = _make((n, c + 5, h, w), dtype, layout, seed + 1)[:, :c]
+    else:
+        x = _make(shape, dtype, layout, seed, scale=2.0, offset=0.3)
+        acc = _make(shape, dtype, layout, seed + 1)
+    scale, shift = _params(x.contiguous(memory_format=fmt), seed + 10)
+    mean = torch.var_mean(x.double(), dim=_dims(x), correction=0)[1].to(_acc(dtype))
+    return acc, x, _strided(shape, dtype, seed + 2), mean, scale, shift
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 17, 5, 9), (1, 63, 7, 7), (2, 40, 28, 28), (2, 2048, 2, 2)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("prefix", [False, True], ids=["dense", "prefix"])
+def test_bwd_reduce_add_matches_float64(dtype, shape, layout, prefix):
+    """bn_bwd_reduce_add_: bn_bwd_reduce's sums, and acc += scale * g' in place (a prefix view's
+    other channels untouched)."""
+    require_compiled_kernels("bn_bwd_reduce_add_", dispatch_key="CPU")
+    cl = layout == "channels_last"
+    acc, x, grad, mean, scale, shift = _reduce_add_case(shape, dtype, layout, prefix, seed=50)
+    whole = acc._base if prefix else acc
+    before, acc0 = whole.clone(), acc.clone().double()  # a copy: .double() of float64 is acc itself
+    sum_g, sum_gx = _ops().bn_bwd_reduce_add_(acc, grad, x, mean, scale, shift, True, cl)
+    assert sum_g.dtype == sum_gx.dtype == _acc(dtype) and sum_g.shape == sum_gx.shape == (shape[1],)
+    keep = _keep(x.contiguous(memory_format=_fmt(layout)), scale, shift, None, cl)
+    g = torch.where(keep, grad.double(), 0.0)
+    xc = x.double() - _pc(mean, 4)
+    dims, tol = _dims(x), _red_tol(dtype)
+    assert_within(sum_g, g.sum(dims), tol * g.abs().sum(dims), "sum_g")
+    assert_within(sum_gx, (g * xc).sum(dims), tol * (g * xc).abs().sum(dims), "sum_gx")
+    term = _pc(scale, 4) * g
+    bound = (2 * UNIT[dtype] + 4 * UNIT[_acc(dtype)]) * (acc0.abs() + term.abs()) + torch.finfo(dtype).tiny
+    assert_within(acc, acc0 + term, bound, "acc")
+    if prefix:
+        assert torch.equal(whole[:, shape[1] :], before[:, shape[1] :])
+
+
+def test_bwd_reduce_add_writes_an_nchw_prefix_in_place():
+    """Dense-block operands (x and acc channel prefixes of NCHW buffers) are read and written through
+    their image stride: no copy; an acc laid out unlike x still gets the right values (through a copy)."""
+    require_compiled_kernels("bn_bwd_reduce_add_", dispatch_key="CPU")
+    ops = _ops()
+    acc, x, grad, mean, scale, shift = _reduce_add_case((3, 6, 5, 7), torch.float32, "nchw", True, seed=60)
+    grad = grad.contiguous()
+    want_acc = acc.clone()
+    want = ops.bn_bwd_reduce_add_(want_acc, grad, x.contiguous(), mean, scale, shift, True, False)
+    with torch.profiler.profile() as prof:
+        got = ops.bn_bwd_reduce_add_(acc, grad, x, mean, scale, shift, True, False)
+    assert not any(e.name in ("aten::copy_", "aten::clone", "aten::contiguous") for e in prof.events())
+    assert torch.equal(acc, want_acc) and all(torch.equal(a, b) for a, b in zip(got, want))
+    # acc dense, x a prefix (and the reverse): the same values.
+    for acc2, x2 in ((want_acc.clone().contiguous(), x), (acc.clone(), x.contiguous())):
+        start = acc2.clone()
+        ops.bn_bwd_reduce_add_(acc2, grad, x2, mean, scale, shift, True, False)
+        expect = start.clone()
+        ops.bn_bwd_reduce_add_(expect.contiguous(), grad, x2.contiguous(), mean, scale, shift, True, False)
+        ref = start + torch.where(_keep(x2.contiguous(), scale, shift, None, False), grad, 0.0) * scale.view(
+            1, -1, 1, 1
+        )
+        torch.testing.assert_close(acc2, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bwd_reduce_add_opcheck_and_bad_input():
+    require_compiled_kernels("bn_bwd_reduce_add_", dispatch_key="CPU")
+    ops = _ops()
+    for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last")):
+        acc, x, grad, mean, scale, shift = _reduce_add_case((2, 3, 5, 7), dtype, layout, False, seed=70)
+        torch.library.opcheck(
+            ops.bn_bwd_reduce_add_.default, (acc, grad, x, mean, scale, shift, True, layout != "nchw")
+        )
+    x = torch.randn(2, 3, 4, 4)
+    v = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="acc has shape"):
+        ops.bn_bwd_reduce_add_(torch.zeros(2, 3, 4, 5), x, x, v, v, v, True, False)
+    with pytest.raises(RuntimeError, match="acc has dtype"):
+        ops.bn_bwd_reduce_add_(x.double(), x, x, v, v, v, True, False)
+    with pytest.raises(RuntimeError, match="grad_y has shape"):
+        ops.bn_bwd_reduce_add_(x.clone(), x[:1], x, v, v, v, True, False)
+    with pytest.raises(RuntimeError, match="mean must be 1-D with one element per channel"):
+        ops.bn_bwd_reduce_add_(x.clone(), x, x, v[:2], v, v, True, False)
+
+
+# ----------------------------------------------------------------------------- transition: BN-ReLU-avgpool
+def _transition64(x, grad, mean, scale, shift, invstd, training, cl):
+    """Float64 formulas of transition_pool_fwd/bwd: the kernels' ReLU pass pattern (bn_apply's), the
+    rest exact. Returns (out, dx, sum_g, sum_gx, g') with g' the gradient at the ReLU's output."""
+    n, _, h, w = x.shape
+    keep = _keep(x, scale, shift, None, cl)
+    a = torch.where(keep, _value64(x, scale, shift, None).to(x.dtype).double(), 0.0)
+    out = torch.nn.functional.avg_pool2d(a, 2, 2)
+    up = torch.zeros(x.shape, dtype=torch.float64)
+    oh, ow = h // 2, w // 2
+    up[:, :, : 2 * oh, : 2 * ow] = grad.double().repeat_interleave(2, 2).repeat_interleave(2, 3) / 4
+    gp = torch.where(keep, up, 0.0)
+    xc = x.double() - _pc(mean, 4)
+    sum_g, sum_gx = gp.sum((0, 2, 3)), (gp * xc).sum((0, 2, 3))
+    m = n * h * w
+    s, inv = scale.double(), invstd.double()
+    if training:
+        b = -s * inv * inv * sum_gx / m
+        cc = -s * sum_g / m - b * mean.double()
+    else:
+        b = cc = torch.zeros_like(s)
+    dx = _pc(s, 4) * gp + _pc(b, 4) * x.double() + _pc(cc, 4)
+    return out, dx, sum_g, sum_gx, gp, (_pc(s, 4) * gp, _pc(b, 4) * x.double(), _pc(cc, 4).expand(x.shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 6, 8), (3, 5, 7, 5), (2, 4, 2, 2), (1, 2, 3, 2), (2, 70, 14, 14)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_transition_pool_matches_float64(dtype, shape, layout, training):
+    """transition_pool_fwd = avgpool2x2/2 (floor) of bn_apply's BN-ReLU; transition_pool_bwd = the
+    gradient of x through it (batch statistics' dependence included in training), odd edges
+    (in no window) getting only the statistics' share."""
+    require_compiled_kernels("transition_pool_fwd", "transition_pool_bwd", dispatch_key="CPU")
+    cl = layout == "channels_last"
+    x, scale, shift, _ = _case(shape, dtype, layout, False, seed=80)
+    var, mean = torch.var_mean(x.double(), dim=_dims(x), correction=0)
+    mean, invstd = mean.to(_acc(dtype)), (var + 1e-5).rsqrt().to(_acc(dtype))
+    ops = _ops()
+    out = ops.transition_pool_fwd(x, scale, shift, cl)
+    oshape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    assert out.dtype == dtype and out.shape == oshape and out.is_contiguous(memory_format=_fmt(layout))
+    grad = _strided(oshape, dtype, 81)
+    dx, sum_g, sum_gx = ops.transition_pool_bwd(grad, x, mean, scale, shift, invstd, training, cl)
+    assert dx.dtype == dtype and dx.shape == x.shape and dx.is_contiguous(memory_format=_fmt(layout))
+    out64, dx64, sg64, sgx64, gp, terms = _transition64(x, grad, mean, scale, shift, invstd, training, cl)
+    acc_unit = UNIT[_acc(dtype)]
+    # Each of the four values within _value_bound of its float64 value, then the mean rounds.
+    window = torch.nn.functional.avg_pool2d(_value_bound(x, scale, shift, None), 2, 2)
+    assert_within(out, out64, window + (UNIT[dtype] + 4 * acc_unit) * out64 + torch.finfo(dtype).tiny, "out")
+    xc = (x.double() - _pc(mean, 4)).abs()
+    dims, tol = (0, 2, 3), _red_tol(dtype)
+    assert_within(sum_g, sg64, tol * gp.abs().sum(dims), "sum_g")
+    assert_within(sum_gx, sgx64, tol * (gp.abs() * xc).sum(dims), "sum_gx")
+    # dx: rounding of its terms, plus what the error the sums may carry (bounded above) does to
+    # the coefficients b = -s inv² Σg'(x-mean)/M and c = -s Σg'/M - b mean.
+    mag = sum(t.abs() for t in terms)
+    bound = (2 * UNIT[dtype] + 8 * acc_unit) * mag + torch.finfo(dtype).tiny
+    if training:
+        m, s, inv = x.numel() // shape[1], scale.double().abs(), invstd.double()
+        err_b = 2 * tol * s * inv * inv * (gp.abs() * xc).sum(dims) / m
+        err_c = 2 * tol * s * gp.abs().sum(dims) / m + err_b * mean.double().abs()
+        bound = bound + _pc(err_b, 4) * x.double().abs() + _pc(err_c, 4)
+    assert_within(dx, dx64, bound, "dx")
+
+
+def test_transition_pool_equals_avg_pool_in_fp32():
+    """The forward adds each window's four values in F.avg_pool2d's order: the same bits."""
+    require_compiled_kernels("transition_pool_fwd", dispatch_key="CPU")
+    for layout in LAYOUTS:
+        cl = layout == "channels_last"
+        x, scale, shift, _ = _case((2, 9, 10, 7), torch.float32, layout, False, seed=82)
+        a = _ops().bn_apply(x, scale, shift, None, True, cl)
+        assert torch.equal(_ops().transition_pool_fwd(x, scale, shift, cl), torch.nn.functional.avg_pool2d(a, 2, 2))
+
+
+def test_transition_pool_opcheck_and_bad_input():
+    require_compiled_kernels("transition_pool_fwd", "transition_pool_bwd", dispatch_key="CPU")
+    ops = _ops()
+    for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last")):
+        cl = layout == "channels_last"
+        x, scale, shift, _ = _case((2, 3, 7, 6), dtype, layout, False, seed=83)
+        torch.library.opcheck(ops.transition_pool_fwd.default, (x, scale, shift, cl))
+        grad = _strided((2, 3, 3, 3), dtype, 84)
+        mean, invstd = _channel(3, 85, scale.dtype), _channel(3, 86, scale.dtype, 0.5, 2.0)
+        for training in (True, False):
+            args = (grad, x, mean, scale, shift, invstd, training, cl)
+            torch.library.opcheck(ops.transition_pool_bwd.default, args)
+    x, v = torch.randn(2, 3, 4, 4), torch.ones(3)
+    with pytest.raises(RuntimeError, match="at least 2x2"):
+        ops.transition_pool_fwd(torch.randn(2, 3, 1, 4), v, v, False)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        ops.transition_pool_fwd(torch.randn(2, 3, 4), v, v, False)
+    with pytest.raises(RuntimeError, match="scale must be 1-D with one element per channel"):
+        ops.transition_pool_fwd(x, v[:2], v, False)
+    with pytest.raises(RuntimeError, match="not the 2x2/2 pool of x"):
+        ops.transition_pool_bwd(torch.randn(2, 3, 3, 2), x, v, v, v, v, True, False)
+    with pytest.raises(RuntimeError, match="grad_out has dtype"):
+        ops.transition_pool_bwd(torch.randn(2, 3, 2, 2).double(), x, v, v, v, v, True, False)
+    with pytest.raises(RuntimeError, match="invstd must be 1-D"):
+        ops.transition_pool_bwd(torch.randn(2, 3, 2, 2), x, v, v, v, v[:1], True, False)
