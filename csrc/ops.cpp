@@ -66,6 +66,19 @@ TORCH_LIBRARY(fastblocks, m) {
   // statistics (training: batch statistics, whose dependence on x is included; else fixed), with
   // Σ g' and Σ g' (x - mean) (g' the gradient at the ReLU's output) for the parameter gradients.
   m.def("transition_pool_fwd(Tensor x, Tensor scale, Tensor shift, bool channels_last) -> Tensor");
+  // One layer of the dense block's backward (CPU only; fastblocks/ops/dense_block.py, without
+  // dropout or synchronized statistics): with fold (training), first finishes the gradient of the
+  // layer's output chunk g[:, ci:ci+k] from gmu/gvar; then adds the layer's share into g[:, :ci] and
+  // gmu/gvar[:ci] in place. mean1/var1: the statistics behind norm1 (first ci used; in training the
+  // chunk statistics, whose [ci, ci+k) the fold reads); bottleneck: the kept conv1 output, else
+  // recomputed. Returns the gradients of norm1's weight and bias, conv1, norm2's, conv2 (undefined
+  // for an absent weight or bias).
+  m.def(
+      "dense_layer_bwd_(Tensor(a!) g, Tensor(b!) gmu, Tensor(c!) gvar, Tensor buf, Tensor mean1, Tensor var1, "
+      "Tensor mean2, Tensor var2, Tensor? weight1, Tensor? bias1, Tensor conv1_weight, Tensor? weight2, "
+      "Tensor? bias2, Tensor conv2_weight, Tensor? bottleneck, float eps1, float eps2, SymInt ci, SymInt k, "
+      "bool training, bool fold, bool channels_last) -> (Tensor dweight1, Tensor dbias1, Tensor dconv1, "
+      "Tensor dweight2, Tensor dbias2, Tensor dconv2)");
   m.def(
       "transition_pool_bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor invstd, "
       "bool training, bool channels_last) -> (Tensor dx, Tensor sum_g, Tensor sum_gx)");

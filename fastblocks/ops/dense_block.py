@@ -539,6 +539,20 @@ def _fold_stats_grad(
 
 
 @functools.cache
+def _layer_kernel_built() -> bool:
+    return _ext.has_kernel("dense_layer_bwd_", "CPU")
+
+
+def _layer_kernel(device: torch.device) -> bool:
+    """Whether each layer's backward is one C++ call (``fastblocks::dense_layer_bwd_``: the same
+    steps, without two dozen Python-level tensor operations per layer): eager calls on the compiled
+    CPU backend; the caller also requires no dropout and no synchronized statistics."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return _backend.resolve("dense_block", device) == "cpu" and _layer_kernel_built()
+
+
+@functools.cache
 def _reduce_add_built() -> bool:
     return _ext.has_kernel("bn_bwd_reduce_add_", "CPU")
 
@@ -595,11 +609,23 @@ class _DenseBlockFunction(torch.autograd.Function):
         with _no_autocast(buf.device.type):
             g = torch.empty_like(buf)  # the one gradient buffer
             g.copy_(grad_buf)
-            if cfg.training:
-                gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)
+            gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)  # empty in eval
+            one_call = _layer_kernel(buf.device) and group is None and not (cfg.training and cfg.drop_rate > 0)
             for i in reversed(range(nl)):
                 g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
                 ci = c0 + i * k
+                base = i * _PER_LAYER
+                if one_call:  # the same steps as below, in C++
+                    if cfg.training:
+                        stats = mean1, var1, mean2[i], var2[i]
+                    else:
+                        stats = tuple(t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
+                    layer_grads = torch.ops.fastblocks.dense_layer_bwd_.default(
+                        g, gmu, gvar, buf, *stats, g1, b1, w1, g2, b2, w2, kept.pop() if cfg.keep[i] else None,
+                        cfg.eps1[i], cfg.eps2[i], ci, k, cfg.training, cfg.training and i < nl - 1, cl,
+                    )  # fmt: skip
+                    grads[base : base + _PER_LAYER] = layer_grads
+                    continue
                 out = slice(ci, ci + k)
                 if cfg.training and i < nl - 1:
                     # Layers i+1.. (every consumer of chunk i+1) are done: finish its gradient.
@@ -651,7 +677,6 @@ class _DenseBlockFunction(torch.autograd.Function):
                 if cfg.training:
                     gmu[:ci] -= s1 * sg1
                     gvar[:ci] -= 0.5 * s1 * inv1 * inv1 * sgx1
-                base = i * _PER_LAYER
                 layer_grads = (inv1 * sgx1, sg1, dw1, inv2 * sgx2, sg2, dw2)
                 for j, (gr, has) in enumerate(zip(layer_grads, ctx.has_param[base : base + _PER_LAYER])):
                     if has:

@@ -95,21 +95,29 @@ def test_dense_block_matches_reference(dtype, channels_last, training):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_dense_block_cpu_and_reference_backends_agree(dtype, channels_last, training):
-    """The compiled CPU backend's backward takes norm1's sums and its direct dx share in one pass
-    (``bn_bwd_reduce_add_``, added into the gradient buffer in place); the reference backend the
-    separate kernels. Same outputs, gradients and buffers."""
+@pytest.mark.parametrize("keep", [None, False], ids=["default", "recompute"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["", "dropout"])
+def test_dense_block_cpu_and_reference_backends_agree(dtype, channels_last, training, keep, drop_rate):
+    """On the compiled CPU backend each layer's backward is one C++ call (``dense_layer_bwd_``);
+    with dropout the Python loop runs, with norm1's sums and its direct dx share in one pass
+    (``bn_bwd_reduce_add_``, added into the gradient buffer in place). The reference backend runs
+    the separate kernels. Same outputs, gradients and buffers (dropout: the same seed, so the same
+    masks)."""
     skip_unless_available("dense_block", "cpu", "cpu")
-    blocks = {b: _block(dtype=dtype, num_layers=4) for b in ("cpu", "reference")}
+    blocks = {b: _block(dtype=dtype, num_layers=4, bn_size=1, drop_rate=drop_rate) for b in ("cpu", "reference")}
     x = _input((3, 5, 6, 7), dtype, channels_last)
     grad = _input((3, 5 + 4 * 3, 6, 7), dtype, channels_last, seed=2)
     results = {}
     for backend, block in blocks.items():
         xb = x.clone().requires_grad_()
+        torch.manual_seed(7)
         with fastblocks.use_backend(backend), torch.profiler.profile() as prof:
-            y = dense_block(xb, _params(block), training=training)
+            y = dense_block(xb, _params(block), training=training, drop_rate=drop_rate, keep_bottleneck=keep)
             y.backward(grad)
-        assert ("fastblocks::bn_bwd_reduce_add_" in {e.name for e in prof.events()}) == (backend == "cpu")
+        ran = {e.name for e in prof.events()}
+        one_call = backend == "cpu" and not (training and drop_rate > 0)
+        assert ("fastblocks::dense_layer_bwd_" in ran) == one_call
+        assert ("fastblocks::bn_bwd_reduce_add_" in ran) == (backend == "cpu" and not one_call)
         results[backend] = (y.detach(), xb.grad)
     for a, b in zip(results["cpu"], results["reference"]):
         assert max_abs_err(a, b) <= TOL[dtype] * max(1.0, float(b.abs().max()))
@@ -416,3 +424,50 @@ def test_kept_bottlenecks_compile_without_graph_break():
     yc.square().sum().backward()
     ye.square().sum().backward()
     assert max_abs_err(xc.grad, xe.grad) <= 1e-10
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dense_layer_bwd_opcheck_and_bad_input(channels_last, training):
+    """The one-call layer backward (CPU): opcheck (schema, fake, mutation of g/gmu/gvar), with
+    and without a kept bottleneck, folding or not; bad shapes raise with the argument's name."""
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("dense_layer_bwd_", dispatch_key="CPU")
+    import fastblocks.ops._bn_kernels  # noqa: F401  (fake kernels)
+
+    ops = torch.ops.fastblocks
+    n, c0, k, b, h, w = 2, 4, 3, 5, 5, 6
+    ci, c = c0 + k, c0 + 3 * k
+    buf = _input((n, c, h, w), torch.float32, channels_last)
+    g = _input((n, c, h, w), torch.float32, channels_last, seed=3)
+    mean1, var1 = torch.randn(c), torch.rand(c) + 0.5
+    mean2, var2 = torch.randn(b), torch.rand(b) + 0.5
+    gmu, gvar = (torch.randn(c), torch.randn(c)) if training else (torch.empty(0), torch.empty(0))
+    w1, w2 = torch.randn(b, ci, 1, 1), torch.randn(k, b, 3, 3)
+    gamma1, beta1, gamma2 = torch.rand(ci) + 0.5, torch.randn(ci), torch.rand(b) + 0.5
+    bott = _input((n, b, h, w), torch.float32, channels_last, seed=4)
+    for kept, fold in ((None, training), (bott, False)):
+        args = (g, gmu, gvar, buf, mean1, var1, mean2, var2, gamma1, beta1, w1, gamma2, None, w2, kept,
+                1e-5, 1e-5, ci, k, training, fold, channels_last)  # fmt: skip
+        torch.library.opcheck(ops.dense_layer_bwd_.default, args)
+        grads = ops.dense_layer_bwd_(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        assert grads[4] is None and [t.shape for t in grads if t is not None] == [
+            gamma1.shape,
+            beta1.shape,
+            w1.shape,
+            gamma2.shape,
+            w2.shape,
+        ]
+    base = (g.clone(), gmu, gvar, buf, mean1, var1, mean2, var2, None, None)
+    with pytest.raises(RuntimeError, match="conv1_weight must be"):
+        ops.dense_layer_bwd_(*base, torch.randn(b, ci + 1, 1, 1), None, None, w2, None, 1e-5, 1e-5, ci, k,
+                             training, False, channels_last)  # fmt: skip
+    with pytest.raises(RuntimeError, match="conv2_weight must be"):
+        ops.dense_layer_bwd_(*base, w1, None, None, torch.randn(k, b, 1, 1), None, 1e-5, 1e-5, ci, k,
+                             training, False, channels_last)  # fmt: skip
+    with pytest.raises(RuntimeError, match="are not inside buf"):
+        ops.dense_layer_bwd_(*base, w1, None, None, w2, None, 1e-5, 1e-5, c, k, training, False, channels_last)
+    with pytest.raises(RuntimeError, match="mean2 must be 1-D"):
+        ops.dense_layer_bwd_(g.clone(), gmu, gvar, buf, mean1, var1, mean2[:2], var2, None, None, w1, None, None,
+                             w2, None, 1e-5, 1e-5, ci, k, training, False, channels_last)  # fmt: skip
