@@ -1,5 +1,8 @@
 // CPU kernels of the BatchNorm family: fastblocks::bn_stats_fwd, bn_apply, bn_bwd_reduce and
-// bn_bwd_apply (schemas in csrc/ops.cpp; the math and the autograd in fastblocks/ops/batchnorm.py).
+// bn_bwd_apply (schemas in csrc/ops.cpp; the math and the autograd in fastblocks/ops/batchnorm.py),
+// and the CPU-only ops built from them: the one-call bn_fused_fwd/bn_fused_bwd, the ImageNet stem's
+// stem_pool_fwd/bwd, DenseNet's transition_pool_fwd/bwd, bn_bwd_reduce_add_ and dense_layer_bwd_
+// (fastblocks/ops/dense_block.py).
 //
 // Layout. A dense x-sized tensor is walked as one of two shapes:
 //   planes [N*C][HW]  NCHW contiguous with HW > 1: one channel per plane, vectors run along HW;

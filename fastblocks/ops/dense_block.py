@@ -120,10 +120,16 @@ rounding only. On the compiled CPU backend (eager calls) BN-ReLU-avgpool is one 
 of writing the BN-ReLU output and the pool's full-size gradient (PyTorch's CPU ``avg_pool2d`` and
 its backward on an NCHW tensor are also far from copy bandwidth).
 
-norm1's backward on the compiled CPU backend (eager calls) is one pass over the prefix,
-``fastblocks::bn_bwd_reduce_add_``: the sums ``sg1, sgx1`` and ``G[:, :C_i] += s1 g1'`` written
-into the gradient buffer in place; elsewhere (and under torch.compile) ``bn_bwd_reduce``, then
-``bn_bwd_apply`` into a temporary added to ``G``: three more passes over the prefix per layer.
+On the compiled CPU backend (eager calls) each layer's backward is one C++ call,
+``fastblocks::dense_layer_bwd_`` (the fold of its output chunk, the recomputation, both BN-ReLU
+backwards and both convolution backwards, the per-channel steps): the same steps as the Python
+loop, without its two dozen Python-level tensor operations per layer; scale and shift come from
+the same ATen operations as the forward's, so the recomputed ReLU masks are the forward's. Inside
+it, and in the Python loop that runs with dropout or synchronized statistics, norm1's backward is
+one pass over the prefix (``fastblocks::bn_bwd_reduce_add_``): the sums ``sg1, sgx1`` and
+``G[:, :C_i] += s1 g1'`` written into the gradient buffer in place. Other backends (and
+torch.compile) run ``bn_bwd_reduce``, then ``bn_bwd_apply`` into a temporary added to ``G``: three
+more passes over the prefix per layer.
 
 Limits: the bottleneck convs are ``torch`` convolutions on the (transient) activation; the
 BN-ReLU prologue fusion into the 1x1 GEMM is future work. The kernel-table functions take
