@@ -66,6 +66,16 @@ TORCH_LIBRARY(fastblocks, m) {
   // statistics (training: batch statistics, whose dependence on x is included; else fixed), with
   // Σ g' and Σ g' (x - mean) (g' the gradient at the ReLU's output) for the parameter gradients.
   m.def("transition_pool_fwd(Tensor x, Tensor scale, Tensor shift, bool channels_last) -> Tensor");
+  // One layer of the dense block's forward (CPU only; fastblocks/ops/dense_block.py, without dropout or
+  // synchronized statistics): writes buf[:, ci:ci+k]. Training: the bottleneck's batch statistics
+  // into mean2/var2 ([B]) and, with chunk_stats, the new chunk's into mean1/var1[ci:ci+k]; norm1
+  // uses mean1/var1[:ci]. Eval: all four hold the running statistics (read only). Returns the
+  // bottleneck (conv1 output) when keep, else undefined.
+  m.def(
+      "dense_layer_fwd_(Tensor(a!) buf, Tensor(b!) mean1, Tensor(c!) var1, Tensor(d!) mean2, Tensor(e!) var2, "
+      "Tensor? weight1, Tensor? bias1, Tensor conv1_weight, Tensor? weight2, Tensor? bias2, Tensor conv2_weight, "
+      "float eps1, float eps2, SymInt ci, SymInt k, bool training, bool chunk_stats, bool keep, "
+      "bool channels_last) -> Tensor bottleneck");
   // One layer of the dense block's backward (CPU only; fastblocks/ops/dense_block.py, without
   // dropout or synchronized statistics): with fold (training), first finishes the gradient of the
   // layer's output chunk g[:, ci:ci+k] from gmu/gvar; then adds the layer's share into g[:, :ci] and

@@ -1,8 +1,8 @@
 // CPU kernels of the BatchNorm family: fastblocks::bn_stats_fwd, bn_apply, bn_bwd_reduce and
 // bn_bwd_apply (schemas in csrc/ops.cpp; the math and the autograd in fastblocks/ops/batchnorm.py),
 // and the CPU-only ops built from them: the one-call bn_fused_fwd/bn_fused_bwd, the ImageNet stem's
-// stem_pool_fwd/bwd, DenseNet's transition_pool_fwd/bwd, bn_bwd_reduce_add_ and dense_layer_bwd_
-// (fastblocks/ops/dense_block.py).
+// stem_pool_fwd/bwd, DenseNet's transition_pool_fwd/bwd, bn_bwd_reduce_add_, dense_layer_fwd_ and
+// dense_layer_bwd_ (fastblocks/ops/dense_block.py).
 //
 // Layout. A dense x-sized tensor is walked as one of two shapes:
 //   planes [N*C][HW]  NCHW contiguous with HW > 1: one channel per plane, vectors run along HW;
@@ -1561,6 +1561,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           grad_of(weight2, inv2 * sgx2), grad_of(bias2, sg2), dw2.contiguous()};
 }
 
+// dense_layer_fwd_: one layer of the dense block's forward (_block_forward), the same conditions
+// and the same operations (scale and shift as _scale_shift, so the backward's recomputation
+// rebuilds the same ReLU masks). Training: writes the bottleneck's batch statistics into
+// mean2/var2 and, with chunk_stats, the new chunk's into mean1/var1[ci:ci+k]; eval: reads the
+// (running) statistics from them. Writes the layer's k new channels into buf[:, ci:ci+k].
+at::Tensor dense_layer_fwd_cpu(at::Tensor& buf, at::Tensor& mean1, at::Tensor& var1, at::Tensor& mean2,
+                               at::Tensor& var2, const std::optional<at::Tensor>& weight1,
+                               const std::optional<at::Tensor>& bias1, const at::Tensor& conv1_weight,
+                               const std::optional<at::Tensor>& weight2, const std::optional<at::Tensor>& bias2,
+                               const at::Tensor& conv2_weight, double eps1, double eps2, int64_t ci, int64_t k,
+                               bool training, bool chunk_stats, bool keep, bool channels_last) {
+  constexpr const char* op = "dense_layer_fwd_";
+  check_x(buf, op, channels_last);
+  TORCH_CHECK(buf.dim() == 4, "fastblocks::", op, ": buf must be 4-D [N, C, H, W], got shape ", buf.sizes());
+  const int64_t N = buf.size(0), C = buf.size(1), H = buf.size(2), W = buf.size(3);
+  TORCH_CHECK(ci > 0 && k > 0 && ci + k <= C, "fastblocks::", op, ": channels [", ci, ", ", ci + k,
+              ") are not inside buf's ", C);
+  TORCH_CHECK(conv1_weight.dim() == 4 && conv1_weight.size(1) == ci && conv1_weight.size(2) == 1 &&
+                  conv1_weight.size(3) == 1,
+              "fastblocks::", op, ": conv1_weight must be [B, ", ci, ", 1, 1], got ", conv1_weight.sizes());
+  const int64_t B = conv1_weight.size(0);
+  TORCH_CHECK(conv2_weight.dim() == 4 && conv2_weight.size(0) == k && conv2_weight.size(1) == B &&
+                  conv2_weight.size(2) == 3 && conv2_weight.size(3) == 3,
+              "fastblocks::", op, ": conv2_weight must be [", k, ", ", B, ", 3, 3], got ", conv2_weight.sizes());
+  const auto acc = acc_type_of(buf);
+  const int64_t len1 = training && chunk_stats ? ci + k : ci;
+  for (const auto& [v, name, len] : {std::tuple{&mean1, "mean1", len1}, std::tuple{&var1, "var1", len1},
+                                     std::tuple{&mean2, "mean2", B}, std::tuple{&var2, "var2", B}}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) >= len && v->scalar_type() == acc, "fastblocks::", op, ": ", name,
+                " must be 1-D ", acc, " with at least ", len, " elements, got ", v->scalar_type(), " ", v->sizes());
+  }
+  TORCH_CHECK(!training || N * H * W > 1, "fastblocks::", op,
+              ": Expected more than 1 value per channel when training, got input size ", buf.sizes());
+  const at::Tensor m1 = mean1.narrow(0, 0, ci), v1 = var1.narrow(0, 0, ci);
+  const auto [s1, t1, inv1] = scale_shift_tensors(m1, v1, weight1, bias1, eps1);
+  at::Tensor bott = at::conv2d(bn_apply_cpu(buf.narrow(1, 0, ci), s1, t1, std::nullopt, true, channels_last),
+                               conv1_weight);
+  at::Tensor m2 = mean2.narrow(0, 0, B), v2 = var2.narrow(0, 0, B);
+  if (training) {
+    const auto [bm, bv] = bn_stats_fwd_cpu(bott, channels_last);
+    m2.copy_(bm);
+    v2.copy_(bv);
+  }
+  const auto [s2, t2, inv2] = scale_shift_tensors(m2, v2, weight2, bias2, eps2);
+  const at::Tensor y = at::conv2d(bn_apply_cpu(bott, s2, t2, std::nullopt, true, channels_last), conv2_weight,
+                                  std::nullopt, 1, 1);
+  if (training && chunk_stats) {
+    const auto [ym, yv] = bn_stats_fwd_cpu(y, channels_last);
+    mean1.narrow(0, ci, k).copy_(ym);
+    var1.narrow(0, ci, k).copy_(yv);
+  }
+  // The chunk through 2-D views: a copy into a 4-D channel slice takes a slow strided path.
+  if (channels_last) {
+    buf.permute({0, 2, 3, 1}).view({N * H * W, C}).narrow(1, ci, k).copy_(y.permute({0, 2, 3, 1}).reshape({N * H * W, k}));
+  } else {
+    buf.view({N, C * H * W}).narrow(1, ci * H * W, k * H * W).copy_(y.reshape({N, k * H * W}));
+  }
+  return keep ? bott : at::Tensor();
+}
+
 // ----------------------------------------------------------------------------- transition: BN-ReLU-avgpool
 // transition_pool_fwd / transition_pool_bwd: DenseNet's transition pools before its 1x1 conv
 // (fastblocks/ops/dense_block.py), out = avgpool2x2/2 of a = relu(x * scale + shift) (bn_apply's
@@ -1908,6 +1968,7 @@ TORCH_LIBRARY_IMPL(fastblocks, CPU, m) {
   m.impl("stem_pool_bwd", &stem_pool_bwd_cpu);
   m.impl("transition_pool_fwd", &transition_pool_fwd_cpu);
   m.impl("dense_layer_bwd_", &dense_layer_bwd_cpu);
+  m.impl("dense_layer_fwd_", &dense_layer_fwd_cpu);
   m.impl("transition_pool_bwd", &transition_pool_bwd_cpu);
 }
 

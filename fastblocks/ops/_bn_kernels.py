@@ -3,7 +3,7 @@
 csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu), and of the CPU-only one-call
 ``bn_fused_fwd``/``bn_fused_bwd``, the dense block's ``bn_bwd_reduce_add_``, the stem's
 ``stem_pool_fwd``/``stem_pool_bwd``, the transition's ``transition_pool_fwd``/``transition_pool_bwd`` and
-``dense_layer_bwd_``.
+``dense_layer_fwd_``/``dense_layer_bwd_``.
 
 They give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
 strides without running anything, and must agree with the real kernels on all three:
@@ -204,7 +204,7 @@ if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("transition_
         return (_like_x(x, channels_last), *_channel_vectors(x, 2))
 
 
-if _ext.loaded() and hasattr(torch.ops.fastblocks, "dense_layer_bwd_"):
+if _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in ("dense_layer_fwd_", "dense_layer_bwd_")):
 
     @torch.library.register_fake("fastblocks::dense_layer_bwd_")
     def _(
@@ -235,3 +235,30 @@ if _ext.loaded() and hasattr(torch.ops.fastblocks, "dense_layer_bwd_"):
             return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
         return like(weight1), like(bias1), like(conv1_weight), like(weight2), like(bias2), like(conv2_weight)
+
+    @torch.library.register_fake("fastblocks::dense_layer_fwd_")
+    def _(
+        buf: torch.Tensor,
+        mean1: torch.Tensor,
+        var1: torch.Tensor,
+        mean2: torch.Tensor,
+        var2: torch.Tensor,
+        weight1: torch.Tensor | None,
+        bias1: torch.Tensor | None,
+        conv1_weight: torch.Tensor,
+        weight2: torch.Tensor | None,
+        bias2: torch.Tensor | None,
+        conv2_weight: torch.Tensor,
+        eps1: float,
+        eps2: float,
+        ci: int,
+        k: int,
+        training: bool,
+        chunk_stats: bool,
+        keep: bool,
+        channels_last: bool,
+    ) -> torch.Tensor | None:
+        if not keep:
+            return None
+        shape = (buf.shape[0], conv1_weight.shape[0], buf.shape[2], buf.shape[3])
+        return buf.new_empty(shape).contiguous(memory_format=memory_format(channels_last))

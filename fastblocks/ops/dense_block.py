@@ -475,9 +475,23 @@ def _block_forward(
     else:
         mean1 = var1 = mean2 = var2 = torch.empty(0, dtype=sd, device=x.device)
     rng: list[torch.Tensor] = []
+    one_call = _layer_kernel(x.device) and group is None and not (cfg.training and cfg.drop_rate > 0)
     for i in range(nl):
         g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
         ci = c0 + i * k
+        if one_call:  # the same steps as below, in C++
+            if cfg.training:
+                stats = mean1, var1, mean2[i], var2[i]
+            else:
+                stats = tuple(t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
+            keep = kept is not None and cfg.keep[i]
+            bott = torch.ops.fastblocks.dense_layer_fwd_.default(
+                buf, *stats, g1, b1, w1, g2, b2, w2, cfg.eps1[i], cfg.eps2[i], ci, k, cfg.training,
+                cfg.training and i < nl - 1, keep, cl,
+            )  # fmt: skip
+            if keep:
+                kept.append(bott)
+            continue
         if cfg.training:
             m1, v1 = mean1[:ci], var1[:ci]
         else:
@@ -546,13 +560,14 @@ def _fold_stats_grad(
 
 @functools.cache
 def _layer_kernel_built() -> bool:
-    return _ext.has_kernel("dense_layer_bwd_", "CPU")
+    return _ext.has_kernel("dense_layer_fwd_", "CPU") and _ext.has_kernel("dense_layer_bwd_", "CPU")
 
 
 def _layer_kernel(device: torch.device) -> bool:
-    """Whether each layer's backward is one C++ call (``fastblocks::dense_layer_bwd_``: the same
-    steps, without two dozen Python-level tensor operations per layer): eager calls on the compiled
-    CPU backend; the caller also requires no dropout and no synchronized statistics."""
+    """Whether each layer's forward and backward are one C++ call each
+    (``fastblocks::dense_layer_fwd_``/``dense_layer_bwd_``: the same steps, without one to two dozen
+    Python-level tensor operations per layer): eager calls on the compiled CPU backend; the caller
+    also requires no dropout and no synchronized statistics."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return False
     return _backend.resolve("dense_block", device) == "cpu" and _layer_kernel_built()

@@ -98,7 +98,8 @@ def test_dense_block_matches_reference(dtype, channels_last, training):
 @pytest.mark.parametrize("keep", [None, False], ids=["default", "recompute"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["", "dropout"])
 def test_dense_block_cpu_and_reference_backends_agree(dtype, channels_last, training, keep, drop_rate):
-    """On the compiled CPU backend each layer's backward is one C++ call (``dense_layer_bwd_``);
+    """On the compiled CPU backend each layer's forward and backward are one C++ call each
+    (``dense_layer_fwd_``/``dense_layer_bwd_``);
     with dropout the Python loop runs, with norm1's sums and its direct dx share in one pass
     (``bn_bwd_reduce_add_``, added into the gradient buffer in place). The reference backend runs
     the separate kernels. Same outputs, gradients and buffers (dropout: the same seed, so the same
@@ -116,6 +117,7 @@ def test_dense_block_cpu_and_reference_backends_agree(dtype, channels_last, trai
             y.backward(grad)
         ran = {e.name for e in prof.events()}
         one_call = backend == "cpu" and not (training and drop_rate > 0)
+        assert ("fastblocks::dense_layer_fwd_" in ran) == one_call
         assert ("fastblocks::dense_layer_bwd_" in ran) == one_call
         assert ("fastblocks::bn_bwd_reduce_add_" in ran) == (backend == "cpu" and not one_call)
         results[backend] = (y.detach(), xb.grad)
@@ -471,3 +473,42 @@ def test_dense_layer_bwd_opcheck_and_bad_input(channels_last, training):
     with pytest.raises(RuntimeError, match="mean2 must be 1-D"):
         ops.dense_layer_bwd_(g.clone(), gmu, gvar, buf, mean1, var1, mean2[:2], var2, None, None, w1, None, None,
                              w2, None, 1e-5, 1e-5, ci, k, training, False, channels_last)  # fmt: skip
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dense_layer_fwd_opcheck_and_bad_input(channels_last, training):
+    """The one-call layer forward (CPU): opcheck (schema, fake, mutation of buf and the statistics),
+    keeping the bottleneck or not; it writes only the layer's chunk; bad shapes raise."""
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("dense_layer_fwd_", dispatch_key="CPU")
+    import fastblocks.ops._bn_kernels  # noqa: F401  (fake kernels)
+
+    ops = torch.ops.fastblocks
+    n, c0, k, b, h, w = 2, 4, 3, 5, 5, 6
+    ci, c = c0 + k, c0 + 3 * k
+    buf = _input((n, c, h, w), torch.float32, channels_last)
+    mean1, var1 = torch.randn(c), torch.rand(c) + 0.5
+    mean2, var2 = torch.randn(b), torch.rand(b) + 0.5
+    w1, w2 = torch.randn(b, ci, 1, 1), torch.randn(k, b, 3, 3)
+    gamma1, beta1, gamma2 = torch.rand(ci) + 0.5, torch.randn(ci), torch.rand(b) + 0.5
+    for keep in (False, True):
+        args = [buf, mean1, var1, mean2, var2, gamma1, beta1, w1, gamma2, None, w2, 1e-5, 1e-5, ci, k, training,
+                training, keep, channels_last]  # fmt: skip
+        torch.library.opcheck(ops.dense_layer_fwd_.default, tuple(args))
+        fresh = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        bott = ops.dense_layer_fwd_(*fresh)
+        assert (bott is not None) == keep
+        changed = (fresh[0] != buf).any(dim=(0, 2, 3))
+        assert not changed[:ci].any() and changed[ci : ci + k].all() and not changed[ci + k :].any()
+    with pytest.raises(RuntimeError, match="conv1_weight must be"):
+        ops.dense_layer_fwd_(buf.clone(), mean1, var1, mean2, var2, None, None, torch.randn(b, ci - 1, 1, 1), None,
+                             None, w2, 1e-5, 1e-5, ci, k, training, False, False, channels_last)  # fmt: skip
+    with pytest.raises(RuntimeError, match="mean1 must be 1-D"):
+        ops.dense_layer_fwd_(buf.clone(), mean1[:2], var1, mean2, var2, None, None, w1, None, None, w2, 1e-5,
+                             1e-5, ci, k, training, False, False, channels_last)  # fmt: skip
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        one = torch.randn(1, c, 1, 1)
+        ops.dense_layer_fwd_(one, mean1, var1, mean2, var2, None, None, w1, None, None, w2, 1e-5, 1e-5, ci, k,
+                             True, False, False, False)  # fmt: skip
