@@ -475,7 +475,7 @@ def _block_forward(
     else:
         mean1 = var1 = mean2 = var2 = torch.empty(0, dtype=sd, device=x.device)
     rng: list[torch.Tensor] = []
-    one_call = _layer_kernel(x.device) and group is None and not (cfg.training and cfg.drop_rate > 0)
+    one_call = _one_call_layers(x.device, cfg, group)
     for i in range(nl):
         g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
         ci = c0 + i * k
@@ -559,34 +559,27 @@ def _fold_stats_grad(
 
 
 @functools.cache
-def _layer_kernel_built() -> bool:
-    return _ext.has_kernel("dense_layer_fwd_", "CPU") and _ext.has_kernel("dense_layer_bwd_", "CPU")
+def _kernels_built(*names: str) -> bool:
+    return all(_ext.has_kernel(name, "CPU") for name in names)
 
 
-def _layer_kernel(device: torch.device) -> bool:
+def _eager_cpu_kernels(op: str, device: torch.device, *names: str) -> bool:
+    """Whether the CPU-only kernels ``names`` run ``op`` here: eager calls (not under
+    torch.compile, which traces the backend's kernel-table steps) on the compiled CPU backend,
+    with an extension that has them (a stale build may not)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return _backend.resolve(op, device) == "cpu" and _kernels_built(*names)
+
+
+def _one_call_layers(device: torch.device, cfg: _BlockConfig, group: object | None) -> bool:
     """Whether each layer's forward and backward are one C++ call each
     (``fastblocks::dense_layer_fwd_``/``dense_layer_bwd_``: the same steps, without one to two dozen
-    Python-level tensor operations per layer): eager calls on the compiled CPU backend; the caller
-    also requires no dropout and no synchronized statistics."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    Python-level tensor operations per layer): eager CPU calls without dropout and without
+    synchronized statistics."""
+    if group is not None or (cfg.training and cfg.drop_rate > 0):
         return False
-    return _backend.resolve("dense_block", device) == "cpu" and _layer_kernel_built()
-
-
-@functools.cache
-def _reduce_add_built() -> bool:
-    return _ext.has_kernel("bn_bwd_reduce_add_", "CPU")
-
-
-def _reduce_add_kernel(device: torch.device) -> bool:
-    """Whether norm1's backward in the dense block (its sums and the direct part of dx, added
-    into the gradient buffer) is one pass of ``fastblocks::bn_bwd_reduce_add_``: eager calls on
-    the compiled CPU backend. Otherwise (and under torch.compile) ``bn_bwd_reduce``, then
-    ``bn_bwd_apply`` into a temporary that is added to the buffer (three passes more over the
-    prefix)."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return _backend.resolve("dense_block", device) == "cpu" and _reduce_add_built()
+    return _eager_cpu_kernels("dense_block", device, "dense_layer_fwd_", "dense_layer_bwd_")
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -626,12 +619,14 @@ class _DenseBlockFunction(torch.autograd.Function):
         group = ctx.group
         m = n * h * w if group is None else ctx.total  # the count behind the statistics
         grads: list[torch.Tensor | None] = [None] * (nparams + nrun)
-        direct_add = _reduce_add_kernel(buf.device)
+        # norm1's sums and its direct dx share in one pass over the prefix, added into G in place
+        # (else bn_bwd_reduce, then bn_bwd_apply into a temporary added to G: three passes more).
+        direct_add = _eager_cpu_kernels("dense_block", buf.device, "bn_bwd_reduce_add_")
         with _no_autocast(buf.device.type):
             g = torch.empty_like(buf)  # the one gradient buffer
             g.copy_(grad_buf)
             gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)  # empty in eval
-            one_call = _layer_kernel(buf.device) and group is None and not (cfg.training and cfg.drop_rate > 0)
+            one_call = _one_call_layers(buf.device, cfg, group)
             for i in reversed(range(nl)):
                 g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
                 ci = c0 + i * k
@@ -903,18 +898,11 @@ def _dx_sums(
     return (*_all_reduce_pair(sum_g, sum_gx, ctx.group), ctx.total)
 
 
-@functools.cache
-def _transition_kernels_built() -> bool:
-    return _ext.has_kernel("transition_pool_fwd", "CPU") and _ext.has_kernel("transition_pool_bwd", "CPU")
-
-
 def _transition_kernels(device: torch.device) -> bool:
     """Whether the transition's BN-ReLU-avgpool runs as the compiled CPU kernel pair
-    (``fastblocks::transition_pool_fwd``/``transition_pool_bwd``): eager calls on the compiled CPU
-    backend. Otherwise (and under torch.compile) the backend's BN-ReLU, then ``F.avg_pool2d``."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return _backend.resolve("dense_transition", device) == "cpu" and _transition_kernels_built()
+    (``fastblocks::transition_pool_fwd``/``transition_pool_bwd``). Otherwise (and under
+    torch.compile) the backend's BN-ReLU, then ``F.avg_pool2d``."""
+    return _eager_cpu_kernels("dense_transition", device, "transition_pool_fwd", "transition_pool_bwd")
 
 
 def _transition_pool(x: torch.Tensor, kern, scale: torch.Tensor, shift: torch.Tensor, cl: bool) -> torch.Tensor:

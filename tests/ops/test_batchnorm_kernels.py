@@ -561,16 +561,17 @@ def test_bwd_reduce_add_writes_an_nchw_prefix_in_place():
         got = ops.bn_bwd_reduce_add_(acc, grad, x, mean, scale, shift, True, False)
     assert not any(e.name in ("aten::copy_", "aten::clone", "aten::contiguous") for e in prof.events())
     assert torch.equal(acc, want_acc) and all(torch.equal(a, b) for a, b in zip(got, want))
-    # acc dense, x a prefix (and the reverse): the same values.
-    for acc2, x2 in ((want_acc.clone().contiguous(), x), (acc.clone(), x.contiguous())):
+    # acc dense with x a prefix, and acc a prefix with x dense (through copies): the right values.
+    wide = _make((3, 11, 5, 7), torch.float32, "nchw", 61)
+    rest = wide[:, 6:].clone()
+    for acc2, x2 in ((want_acc.contiguous(), x), (wide[:, :6], x.contiguous())):
         start = acc2.clone()
         ops.bn_bwd_reduce_add_(acc2, grad, x2, mean, scale, shift, True, False)
-        expect = start.clone()
-        ops.bn_bwd_reduce_add_(expect.contiguous(), grad, x2.contiguous(), mean, scale, shift, True, False)
         ref = start + torch.where(_keep(x2.contiguous(), scale, shift, None, False), grad, 0.0) * scale.view(
             1, -1, 1, 1
         )
         torch.testing.assert_close(acc2, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(wide[:, 6:], rest)
 
 
 def test_bwd_reduce_add_opcheck_and_bad_input():
@@ -596,7 +597,8 @@ def test_bwd_reduce_add_opcheck_and_bad_input():
 # ----------------------------------------------------------------------------- transition: BN-ReLU-avgpool
 def _transition64(x, grad, mean, scale, shift, invstd, training, cl):
     """Float64 formulas of transition_pool_fwd/bwd: the kernels' ReLU pass pattern (bn_apply's), the
-    rest exact. Returns (out, dx, sum_g, sum_gx, g') with g' the gradient at the ReLU's output."""
+    rest exact. Returns (out, dx, sum_g, sum_gx, g', the three terms of dx), g' the gradient at the
+    ReLU's output."""
     n, _, h, w = x.shape
     keep = _keep(x, scale, shift, None, cl)
     a = torch.where(keep, _value64(x, scale, shift, None).to(x.dtype).double(), 0.0)
