@@ -45,13 +45,14 @@ bench: install
 	$(PY) -m pytest benchmarks --benchmark-only
 
 # Compile every CUDA kernel file for Hopper with nvcc alone (no CUDA PyTorch needed): the kernel
-# files include only <ATen/ATen.h> and the CUDA runtime.
+# files include only <ATen/ATen.h> and the CUDA runtime. The flags are the real build's (setup.py).
 cuda-compile: $(PY)
 	@mkdir -p $(CUDA_OBJ_DIR)
 	@inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
+	flags=$$($(PY) setup.py --print-nvcc-flags); \
 	for f in csrc/cuda/*.cu; do \
-	  echo "nvcc -c $$f"; \
-	  $(NVCC) -c -std=c++20 -O3 -gencode=arch=compute_90,code=sm_90 -diag-suppress 3306 $$inc $$f \
+	  echo "nvcc -c $$flags $$f"; \
+	  $(NVCC) -c $$flags -O3 -gencode=arch=compute_90,code=sm_90 -diag-suppress 3306 $$inc $$f \
 	    -o $(CUDA_OBJ_DIR)/$$(basename $$f .cu).o -Xcompiler -Wno-c++20-extensions || exit 1; \
 	done; echo "cuda-compile: all kernel files compiled for sm_90"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import sys
 
 from setuptools import find_packages, setup
 
@@ -48,6 +49,13 @@ def _cpu_arch_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
+# nvcc flags of the real build; `make cuda-compile` (CI, no CUDA PyTorch) compiles every .cu file
+# with the same ones (`python setup.py --print-nvcc-flags`). No --use_fast_math: it flushes
+# subnormals to zero and approximates the divisions and square roots of the statistics (1/sqrt(var
+# + eps)), which the CPU kernels, Triton and eager PyTorch compute exactly rounded.
+NVCC_FLAGS = ["-std=c++20", "-lineinfo"]
+
+
 def _extensions() -> list:
     if _flag("FASTBLOCKS_SKIP_EXTENSION"):
         print("fastblocks: FASTBLOCKS_SKIP_EXTENSION set, building no compiled extension")
@@ -74,7 +82,7 @@ def _extensions() -> list:
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = [*opt, "-std=c++20", "--use_fast_math", "-lineinfo"]
+    nvcc = [*opt, *NVCC_FLAGS]
     return [
         cpp_extension.CUDAExtension(
             "fastblocks._C",
@@ -98,6 +106,10 @@ def _cmdclass() -> dict:
 
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
+
+if __name__ == "__main__" and sys.argv[1:] == ["--print-nvcc-flags"]:
+    print(" ".join(NVCC_FLAGS))
+    sys.exit(0)
 
 setup(
     name="fastblocks",

@@ -380,3 +380,18 @@ def test_one_run_per_comparison_drops_older_providers():
     ]
     kept = one_run_per_comparison(rows, runs)
     assert [r["case"] for r in kept] == [rows[0]["case"], rows[2]["case"]]
+
+
+def test_cli_bench_check_runs_the_accuracy_harness_first(tmp_path, capsys, monkeypatch):
+    base = ["bench", "--ops", "--quick", "--tiny", "--no-progress", "--no-charts", "--check", "--output", str(tmp_path)]
+    assert cli.main(base) == 0
+    assert "accuracy check" in capsys.readouterr().out and (tmp_path / "ops.json").exists()
+
+    # A wrong dx coefficient: the check fails and nothing is measured.
+    from fastblocks.ops import batchnorm as bn_ops
+
+    real = bn_ops._dx_coefficients
+    monkeypatch.setattr(bn_ops, "_dx_coefficients", lambda *a, **k: tuple(v * 1.01 for v in real(*a, **k)))
+    out_dir = tmp_path / "second"
+    assert cli.main([*base[:-1], str(out_dir)]) == 1
+    assert "accuracy check FAILED" in capsys.readouterr().err and not out_dir.exists()

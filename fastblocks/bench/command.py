@@ -100,6 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU (default: torch's)")
     p.add_argument("--no-charts", action="store_true", help="do not write PNG charts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="first run the accuracy harness (fastblocks.testing.accuracy: every op and block against eager "
+        "PyTorch, judged by float64) on this device; stop with exit status 1 if it fails",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, one repetition
 
 
@@ -138,6 +144,22 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _accuracy_check(device_type: str, *, tiny: bool) -> bool:
+    """``--check``: the accuracy harness's quick set on every backend of this device; True if it passes."""
+    from fastblocks.testing import accuracy
+
+    t0 = time.perf_counter()
+    cases = ["batch_norm_relu", "bn_relu_conv3x3"] if tiny else None
+    report = accuracy.run_suite(device_type, cases=cases)
+    print(f"accuracy check ({time.perf_counter() - t0:.0f} s): {report.summary()}")
+    try:
+        report.check()
+    except AssertionError as exc:
+        print(f"fastblocks bench: accuracy check FAILED, nothing measured\n{exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def run(args: argparse.Namespace, command: str | None = None) -> int:
@@ -181,6 +203,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     notes: list[str] = []
+    if args.check and not _accuracy_check(device.type, tiny=args.tiny):
+        return 1
 
     do_models = not args.ops
     do_ops = args.ops or args.models is None

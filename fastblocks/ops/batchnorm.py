@@ -81,7 +81,14 @@ def _reduce_dims(ndim: int) -> list[int]:
 
 
 def _stats_reference(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(x.to(_compute_dtype(x.dtype)), dim=_reduce_dims(x.dim()), correction=0)
+    # Two passes: the mean as a sum / count, then the mean squared deviation. Not torch.var_mean:
+    # its Welford updates round the mean of {-1, 0, 1} data away from an exact 0, so BatchNorm
+    # outputs that are exactly 0 (x == mean, beta = 0) became +-1e-9 and flipped ReLU decisions
+    # (tests/accuracy, "ties" data: gradients wrong by 100%).
+    dims = _reduce_dims(x.dim())
+    xc = x.to(_compute_dtype(x.dtype))
+    mean = xc.mean(dims)
+    var = (xc - _per_channel(mean, x.dim())).square().mean(dims)
     return mean, var
 
 
@@ -208,8 +215,11 @@ if triton is not None:
 
     @triton.jit
     def _value(x, scale, shift, r_ptr, offs, mask, HAS_RES: tl.constexpr, COMPUTE: tl.constexpr):
-        # x * scale + shift [+ residual], rounded to the storage dtype as eager rounds it.
-        y = (x.to(COMPUTE) * scale[None, :] + shift[None, :]).to(x.dtype)
+        # x * scale + shift [+ residual], rounded to the storage dtype as eager rounds it. One
+        # explicit fused multiply-add (as the CPU and CUDA kernels): left to the compiler, the
+        # contraction may differ between the forward and the backward kernel, and the backward's
+        # ReLU mask must be rebuilt from bit-identical values.
+        y = tl.fma(x.to(COMPUTE), scale[None, :], shift[None, :]).to(x.dtype)
         if HAS_RES:
             r = tl.load(r_ptr + offs, mask=mask, other=0.0)
             y = (y.to(COMPUTE) + r.to(COMPUTE)).to(x.dtype)

@@ -278,7 +278,7 @@ if triton is not None:
         """The [BLOCK_P, BLOCK_C] activation tile ``relu(x*scale + shift)``, zero outside the image."""
         ok = tap_ok[:, None] & c_ok[None, :]
         xv = tl.load(x_ptr + x_row[:, None] + offs_c[None, :].to(tl.int64) * sxc, mask=ok, other=0.0)
-        z = xv.to(tl.float32) * sc[None, :] + sh[None, :]
+        z = tl.fma(xv.to(tl.float32), sc[None, :], sh[None, :])  # explicit: the backward rebuilds z bit for bit
         a = tl.where(z <= 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
         # Zero padding applies to the activation: a padded tap is 0, not relu(shift).
         return tl.where(ok, a, 0.0)
@@ -383,7 +383,7 @@ if triton is not None:
         sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
         sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
         xf = xv.to(tl.float32)
-        z = xf * sc[None, :] + sh[None, :]
+        z = tl.fma(xf, sc[None, :], sh[None, :])  # as the forward's activation tile, bit for bit
         # threshold_backward's rule on the ReLU output: the gradient passes unless z <= 0.
         gz = tl.where(ok & ~(z <= 0.0), g.to(tl.float32), 0.0)
         dx = (gz * sc[None, :]).to(dx_ptr.dtype.element_ty)

@@ -12,7 +12,7 @@ only meaningful when fp32 rounding is not amplified by the test setup. Two effec
   and moves whole gradients (one flip in resnet18's layer2.1 changed its ``bn2.bias`` gradient
   by 2%, and everything below it).
 
-:func:`condition` therefore sets the BatchNorm affine parameters (same for both twins): BNs
+:func:`~fastblocks.testing.accuracy.condition` therefore sets the BatchNorm affine parameters (same for both twins): BNs
 followed by a ReLU get gamma 0.3 and beta = +-1 per channel (channels mostly active or mostly
 dead, so masks are exercised but pre-activations stay away from 0); the last BN of each residual
 branch and the projection shortcut's BN get gamma 0.2, beta 0.5 (damped residual branches).
@@ -28,28 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fastblocks.testing.accuracy import condition
+
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def condition(model: nn.Module, seed: int = 0) -> None:
-    """Set every BatchNorm's gamma/beta as the module docstring says (in place)."""
-    g = torch.Generator().manual_seed(seed)
-    damped: set[str] = set()
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if getattr(m, "variant", None) in ("original", "bn_after_add", "relu_before_add") and hasattr(m, "_last_bn"):
-            damped.add(prefix + m._last_bn)
-        if name.endswith("downsample") and isinstance(m, nn.Sequential) and len(m) > 1:
-            damped.add(prefix + "1")
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.BatchNorm2d) and m.affine:
-                if name in damped:
-                    m.weight.fill_(0.2)
-                    m.bias.fill_(0.5)
-                else:
-                    m.weight.fill_(0.3)
-                    m.bias.copy_(torch.randint(0, 2, m.bias.shape, generator=g).to(m.bias.dtype) * 2 - 1)
 
 
 def twins(build: Callable[..., nn.Module], seed: int = 0, **kwargs: object) -> tuple[nn.Module, nn.Module]:
