@@ -44,17 +44,27 @@ lint: $(PY)
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only
 
-# Compile every CUDA kernel file for Hopper with nvcc alone (no CUDA PyTorch needed): the kernel
-# files include only <ATen/ATen.h> and the CUDA runtime. The flags are the real build's (setup.py).
+# Compile every CUDA source with the real build's flags (setup.py --print-flags), without CUDA
+# PyTorch: the kernel files (.cu, nvcc for sm_90) include only <ATen/ATen.h> and the CUDA runtime;
+# the host glue (ops_cuda.cpp, g++) includes c10/cuda headers, whose one generated header the
+# CPU wheel lacks: a one-line stand-in (build/cuda-standin) takes its place.
+CUDA_INC ?= $(patsubst %/,%,$(dir $(firstword $(wildcard $(CUDA_HOME)/include/cuda_runtime_api.h /usr/local/cuda/include/cuda_runtime_api.h))))
 cuda-compile: $(PY)
-	@mkdir -p $(CUDA_OBJ_DIR)
+	@test -n "$(CUDA_INC)" || { echo "cuda-compile: no cuda_runtime_api.h (set CUDA_HOME)"; exit 1; }
+	@mkdir -p $(CUDA_OBJ_DIR) build/cuda-standin/c10/cuda/impl
+	@echo '#pragma once' > build/cuda-standin/c10/cuda/impl/cuda_cmake_macros.h
 	@inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
-	flags=$$($(PY) setup.py --print-nvcc-flags); \
+	flags=$$($(PY) setup.py --print-flags nvcc); cxxflags=$$($(PY) setup.py --print-flags cxx); \
 	for f in csrc/cuda/*.cu; do \
 	  echo "nvcc -c $$flags $$f"; \
-	  $(NVCC) -c $$flags -O3 -gencode=arch=compute_90,code=sm_90 -diag-suppress 3306 $$inc $$f \
+	  $(NVCC) -c $$flags -gencode=arch=compute_90,code=sm_90 -diag-suppress 3306 $$inc $$f \
 	    -o $(CUDA_OBJ_DIR)/$$(basename $$f .cu).o -Xcompiler -Wno-c++20-extensions || exit 1; \
-	done; echo "cuda-compile: all kernel files compiled for sm_90"
+	done; \
+	for f in csrc/cuda/*.cpp; do \
+	  echo "g++ -c $$cxxflags $$f"; \
+	  $(CXX) -c $$cxxflags -fPIC -DFASTBLOCKS_WITH_CUDA=1 $$inc -I$(CUDA_INC) -Ibuild/cuda-standin $$f \
+	    -o $(CUDA_OBJ_DIR)/$$(basename $$f .cpp).o || exit 1; \
+	done; echo "cuda-compile: every CUDA source compiled (kernels for sm_90, host glue with g++)"
 
 clean:
 	rm -rf build $(CUDA_OBJ_DIR) fastblocks/*.so

@@ -50,10 +50,11 @@ def _cpu_arch_flags() -> list[str]:
 
 
 # nvcc flags of the real build; `make cuda-compile` (CI, no CUDA PyTorch) compiles every .cu file
-# with the same ones (`python setup.py --print-nvcc-flags`). No --use_fast_math: it flushes
+# with the same ones (`python setup.py --print-flags nvcc`). No --use_fast_math: it flushes
 # subnormals to zero and approximates the divisions and square roots of the statistics (1/sqrt(var
 # + eps)), which the CPU kernels, Triton and eager PyTorch compute exactly rounded.
 NVCC_FLAGS = ["-std=c++20", "-lineinfo"]
+CXX_FLAGS = ["-std=c++20", "-fopenmp"]
 
 
 def _extensions() -> list:
@@ -66,7 +67,7 @@ def _extensions() -> list:
     debug = _flag("FASTBLOCKS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = [os.path.join("csrc", "ops.cpp"), *sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
-    cxx = [*opt, "-std=c++20", "-fopenmp", *_cpu_arch_flags()]
+    cxx = [*opt, *CXX_FLAGS, *_cpu_arch_flags()]
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
@@ -107,8 +108,10 @@ def _cmdclass() -> dict:
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--print-nvcc-flags"]:
-    print(" ".join(NVCC_FLAGS))
+if __name__ == "__main__" and sys.argv[1:2] == ["--print-flags"]:
+    # `python setup.py --print-flags nvcc|cxx`: the real build's flags, for `make cuda-compile`.
+    which = sys.argv[2] if len(sys.argv) > 2 else "nvcc"
+    print(" ".join(["-O3", *NVCC_FLAGS] if which == "nvcc" else ["-O3", *CXX_FLAGS, *_cpu_arch_flags()]))
     sys.exit(0)
 
 setup(

@@ -1,7 +1,7 @@
 // CUDA host glue: device guards, the current stream, layout handling and
 // TORCH_LIBRARY_IMPL(fastblocks, CUDA). Compiled only in CUDA builds (it needs c10/cuda).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> add_relu_fwd_cuda(const at::Tensor& x, const 
   const at::Tensor rc = residual.contiguous(fmt);
   at::Tensor out = at::empty_like(xc, fmt);
   at::Tensor mask = at::empty({(xc.numel() + 7) / 8}, x.options().dtype(at::kByte));
-  cuda::add_relu_fwd_launch(xc, rc, out, mask, at::cuda::getCurrentCUDAStream());
+  cuda::add_relu_fwd_launch(xc, rc, out, mask, c10::cuda::getCurrentCUDAStream());
   return {out, mask};
 }
 
@@ -45,7 +45,7 @@ at::Tensor add_relu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
   const at::Tensor gc = grad_out.contiguous(fmt);
   const at::Tensor mc = mask.contiguous();
   at::Tensor gi = at::empty_like(gc, fmt);
-  cuda::add_relu_bwd_launch(gc, mc, gi, at::cuda::getCurrentCUDAStream());
+  cuda::add_relu_bwd_launch(gc, mc, gi, c10::cuda::getCurrentCUDAStream());
   return gi;
 }
 
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_fwd_cuda(const at::Tensor& x, bool c
   const at::Tensor xc = x.contiguous(format_of(channels_last));
   at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(bn_acc_type(x)));
   at::Tensor var = at::empty({x.size(1)}, x.options().dtype(bn_acc_type(x)));
-  cuda::bn_stats_fwd_launch(xc, channels_last, mean, var, at::cuda::getCurrentCUDAStream());
+  cuda::bn_stats_fwd_launch(xc, channels_last, mean, var, c10::cuda::getCurrentCUDAStream());
   return {mean, var};
 }
 
@@ -114,7 +114,7 @@ at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& scale, const at:
   const at::Tensor rc = bn_residual(residual, x, op, fmt);
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor y = at::empty_like(xc, fmt);
-  cuda::bn_apply_launch(xc, sc, sh, rc, relu, channels_last, y, at::cuda::getCurrentCUDAStream());
+  cuda::bn_apply_launch(xc, sc, sh, rc, relu, channels_last, y, c10::cuda::getCurrentCUDAStream());
   return y;
 }
 
@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cuda(const at::Tensor& grad_y, 
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor gc = grad_y.contiguous(fmt);
   cuda::bn_bwd_reduce_launch(gc, xc, mu, sc, sh, rc, relu, channels_last, sum_g, sum_gx,
-                             at::cuda::getCurrentCUDAStream());
+                             c10::cuda::getCurrentCUDAStream());
   return {sum_g, sum_gx};
 }
 
@@ -161,7 +161,7 @@ at::Tensor bn_bwd_apply_cuda(const at::Tensor& grad_y, const at::Tensor& x, cons
   const at::Tensor gc = grad_y.contiguous(fmt);
   at::Tensor dx = at::empty_like(xc, fmt);
   cuda::bn_bwd_apply_launch(gc, xc, sc, sh, rc, av, bv, cv, relu, channels_last, dx,
-                            at::cuda::getCurrentCUDAStream());
+                            c10::cuda::getCurrentCUDAStream());
   return dx;
 }
 
