@@ -124,19 +124,19 @@ setup(
     packages=find_packages(include=["fastblocks", "fastblocks.*"]),
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
+    # The core (ops, modules, models) needs torch, and Triton where it runs; the tooling's
+    # dependencies are extras: `fastblocks bench`/`memory` (charts, progress bars) need [bench],
+    # `fastblocks train`/`experiment` need [train]; a command whose extra is missing says which.
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "ninja",
-        "pybind11",
-        "numpy",
-        "tqdm",
-        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "scikit-learn"],
+        "bench": ["matplotlib", "tqdm"],
         # scikit-learn's bundled digits: `fastblocks train/experiment --data digits` and tests/train.
-        "experiment": ["scikit-learn"],
+        "train": ["numpy", "tqdm", "matplotlib", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "all": ["matplotlib", "tqdm", "numpy", "scikit-learn"],
     },
     entry_points={"console_scripts": ["fastblocks = fastblocks.cli:main"]},
     zip_safe=False,

@@ -78,11 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The optional dependencies of the tooling, and the extra that installs each (setup.py).
+EXTRA_OF = {"matplotlib": "bench", "tqdm": "bench", "numpy": "train", "sklearn": "train"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastblocks`` console script."""
     args = build_parser().parse_args(argv)
     args.command_line = "fastblocks " + shlex.join(sys.argv[1:] if argv is None else argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRA_OF:
+            raise
+        extra = "train" if args.command in ("train", "experiment") else EXTRA_OF[top]
+        print(
+            f"fastblocks {args.command}: needs {top}, which is not installed: pip install 'fastblocks[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

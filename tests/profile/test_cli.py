@@ -155,3 +155,26 @@ def test_memory_bad_impl_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         cli.main(["memory", "densenet121", "--impl", "eager,turbo"])
     assert exc.value.code == 2
     assert "--impl takes a comma list of eager, checkpoint, fused" in capsys.readouterr().err
+
+
+def test_missing_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def no_matplotlib(args: object) -> int:
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(cli, "_cmd_memory", no_matplotlib)
+    assert cli.main(["memory", "densenet121"]) == 2
+    assert "pip install 'fastblocks[bench]'" in capsys.readouterr().err
+
+    def no_numpy(args: object) -> int:
+        raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+
+    monkeypatch.setattr(cli, "_cmd_train", no_numpy)
+    assert cli.main(["train", "--model", "resnet20", "--data", "digits"]) == 2
+    assert "pip install 'fastblocks[train]'" in capsys.readouterr().err
+
+    def other(args: object) -> int:
+        raise ModuleNotFoundError("No module named 'somethingelse'", name="somethingelse")
+
+    monkeypatch.setattr(cli, "_cmd_memory", other)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["memory", "densenet121"])
