@@ -27,6 +27,7 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h) | 
 	sys.exit(0 if v >= tuple(int(p) for p in '$(TORCH_MIN)'.split('.')) else 1)" 2>/dev/null \
 	  && echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install ninja  # the extension's parallel build (with --no-build-isolation, not automatic)
 	$(PY) -m pip install --no-build-isolation -e ".[all,test]"
 	@touch $(STAMP)
 
