@@ -50,7 +50,7 @@ at::Tensor add_relu_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
 }
 
 // ----------------------------------------------------------------------------- BatchNorm family
-// Checks mirror csrc/cpu/batchnorm.cpp: every message names the argument.
+// Checks mirror csrc/cpu/common.h and batchnorm.cpp: every message names the argument.
 at::ScalarType bn_acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void bn_check_x(const at::Tensor& x, const char* op, bool channels_last) {

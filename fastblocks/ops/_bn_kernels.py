@@ -1,9 +1,10 @@
 """Fake (meta) kernels of the compiled BatchNorm schemas ``fastblocks::bn_stats_fwd``,
 ``bn_apply``, ``bn_bwd_reduce`` and ``bn_bwd_apply`` (csrc/ops.cpp; CPU kernels in
 csrc/cpu/batchnorm.cpp, CUDA in csrc/cuda/batchnorm.cu), and of the CPU-only one-call
-``bn_fused_fwd``/``bn_fused_bwd``, the dense block's ``bn_bwd_reduce_add_``, the stem's
-``stem_pool_fwd``/``stem_pool_bwd``, the transition's ``transition_pool_fwd``/``transition_pool_bwd`` and
-``dense_layer_fwd_``/``dense_layer_bwd_``.
+``bn_fused_fwd``/``bn_fused_bwd`` and the dense block's ``bn_bwd_reduce_add_`` (csrc/cpu/batchnorm.cpp),
+the stem's ``stem_pool_fwd``/``stem_pool_bwd`` (csrc/cpu/stem.cpp), the transition's
+``transition_pool_fwd``/``transition_pool_bwd`` (csrc/cpu/transition.cpp) and
+``dense_layer_fwd_``/``dense_layer_bwd_`` (csrc/cpu/dense_layer.cpp).
 
 They give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
 strides without running anything, and must agree with the real kernels on all three:
