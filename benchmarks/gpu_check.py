@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -208,6 +209,10 @@ class Check:
         cmd = self.py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}")
         if self.dry:
             cmd.append("--collect-only")
+        elif importlib.util.find_spec("xdist") is not None:
+            # ~1700 CUDA cases, their time mostly Triton's JIT compiles: 8 workers share the GPU
+            # and compile in parallel (the machine has 16 cores).
+            cmd += ["-n", "8"]
         rc, text = self.run("tests", cmd, limit, env=env)
         last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
         if self.dry:  # no CUDA here: `-m gpu` selects nothing (exit 5), which is the expected answer

@@ -4,6 +4,11 @@ Without a CUDA device, Triton kernels run in the interpreter: ``TRITON_INTERPRET
 before Triton is first imported, so it is set here, before ``fastblocks`` is imported.
 ``FASTBLOCKS_REQUIRE_BACKENDS=cpu,triton`` (set by .ci/run) turns a missing backend into a test
 failure instead of a skip, so a broken extension build cannot pass CI silently.
+
+CUDA cases (tests/helpers.py: ``devices()``, ``device_backends()``) carry the ``gpu`` marker,
+added here at collection: ``pytest -m gpu`` on a GPU machine runs every CUDA case and nothing
+else. On a machine without CUDA they are not collected at all (``FASTBLOCKS_TEST_FAKE_CUDA=1``
+collects them, skipped, to show what a GPU machine would run).
 """
 
 from __future__ import annotations
@@ -18,6 +23,37 @@ if not torch.cuda.is_available():
 import pytest
 
 import fastblocks
+from tests.helpers import FAKE_CUDA, FAKE_CUDA_ENV, runs_on_cuda
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every item that runs on CUDA with ``gpu`` (see tests/helpers.py: ``runs_on_cuda``)."""
+    for item in items:
+        if runs_on_cuda(item):
+            item.add_marker(pytest.mark.gpu)
+            if FAKE_CUDA:
+                item.add_marker(pytest.mark.skip(reason=f"{FAKE_CUDA_ENV}=1: collected to be listed, no CUDA here"))
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_cuda(request: pytest.FixtureRequest):
+    """TF32 off for the CUDA cases, restored after each.
+
+    The tests compare fp32 results with eager PyTorch at fp32 tolerances. cuDNN convolutions use
+    TF32 by default (``torch.backends.cudnn.allow_tf32``; matmuls do not), and the Triton
+    convolution kernels follow that same flag (``fastblocks.ops.bn_relu_conv._input_precision``:
+    ``tl.dot(..., input_precision="tf32")`` exactly when it is on), so with it off both sides
+    compute in IEEE fp32. CPU cases are left alone.
+    """
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from torch import nn
 from fastblocks.models import cifar as C
 from fastblocks.models import resnet as R
 from fastblocks.nn import BatchNormReLU2d, BNAddReLU
+from tests.helpers import devices, to_device
 from tests.models.resnet_twins import assert_same_training, twins
 
 # Exact counts with option A (parameter-free shortcuts) and what He et al. 2016, Table 6 prints.
@@ -94,6 +95,7 @@ def test_input_errors() -> None:
         model(torch.randn(2, 4, 32, 32))
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [
@@ -106,8 +108,9 @@ def test_input_errors() -> None:
     ],
     ids=["A", "B", "plain", "preact", "bn_after_add", "relu_before_add"],
 )
-def test_twin_training(name: str, kwargs: dict) -> None:
-    fused, eager = twins(getattr(C, name), **kwargs)
+def test_twin_training(name: str, kwargs: dict, device: str) -> None:
+    # On CUDA both twins run on the GPU behind a CPU interface (tests/helpers.py: to_device).
+    fused, eager = to_device(twins(getattr(C, name), **kwargs), device)
     assert_same_training(fused, eager, (4, 3, 32, 32))
 
 

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from fastblocks.models import densenet as dn
 from fastblocks.models.densenet import DenseNet, remap_legacy_densenet_keys
 from fastblocks.testing import assert_close_to_reference, max_abs_err
+from tests.helpers import devices
 
 # A copy of shared/reference/torchvision_models.json (torchvision 0.29.2 state_dict keys and shapes).
 REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "data" / "torchvision_models.json"
@@ -37,14 +38,14 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(c, generator=g) * 0.2)
 
 
-def _twins(dtype=torch.float32, seed=0, **kwargs):
-    """(fused, eager) with the same weights."""
+def _twins(dtype=torch.float32, seed=0, device="cpu", **kwargs):
+    """(fused, eager) with the same weights, on ``device``."""
     torch.manual_seed(seed)
     eager = DenseNet(**{**SMALL, **kwargs}, fused=False).to(dtype)
     _randomize_bn(eager, seed)
     fused = DenseNet(**{**SMALL, **kwargs}, fused=True).to(dtype)
     fused.load_state_dict(eager.state_dict())
-    return fused, eager
+    return fused.to(device), eager.to(device)
 
 
 def _assert_same_state(fused: nn.Module, eager: nn.Module, tol: float, grads: bool = True) -> None:
@@ -60,7 +61,7 @@ def _train_and_compare(fused, eager, make_input, steps, tol, loss_tol=None):
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (fused, eager)]
     for step in range(steps):
         x = make_input(step)
-        target = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(step))
+        target = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(step)).to(x.device)
         outs = [m(x) for m in (fused, eager)]
         scale = max(1.0, float(outs[1].detach().abs().max()))
         assert max_abs_err(outs[0], outs[1]) <= tol * scale, f"step {step} output"
@@ -149,16 +150,17 @@ def test_weights_must_be_none():
 
 
 # ----------------------------------------------------------------------------- fused vs eager
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_fused_matches_eager_twin(dtype, channels_last):
+def test_fused_matches_eager_twin(dtype, channels_last, device):
     """3 SGD steps: outputs, every gradient and every BN buffer; then eval outputs."""
-    fused, eager = _twins(dtype)
+    fused, eager = _twins(dtype, device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def make_input(step):
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(100 + step), dtype=dtype)
-        return x.contiguous(memory_format=fmt)
+        return x.to(device).contiguous(memory_format=fmt)
 
     _train_and_compare(fused, eager, make_input, steps=3, tol=1e-9 if dtype == torch.float64 else 1e-3)
     for m in fused.modules():

@@ -3,6 +3,10 @@
 The eager references (``*_reference`` in fastblocks/ops/dense_block.py) are torchvision's
 forward with ``torch.cat`` and ``F.batch_norm``; autograd of them is the ground truth for the
 hand-written backward (including the gradient through the shared chunk statistics).
+
+Where a GPU is present the comparisons also run on CUDA (the ``device`` parameter): the
+BatchNorm kernels of the triton/cuda/reference backends and cuDNN convolutions (TF32 off:
+tests/conftest.py). The one-call CPU layers and pool kernels are checked on the CPU only.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from fastblocks.ops.dense_block import (
     stem_reference,
 )
 from fastblocks.testing import assert_close_to_reference, max_abs_err
-from tests.helpers import skip_unless_available
+from tests.helpers import CUDA_BACKENDS, device_backends, devices, rng_state, skip_unless_available
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+# (device, backend): the automatic choice on the CPU (its one-call layers), each CUDA backend on a GPU.
+BLOCK_RUNS = device_backends([None], CUDA_BACKENDS)
 
 
 def _randomize_bn(module: nn.Module, seed: int) -> None:
@@ -44,22 +50,22 @@ def _randomize_bn(module: nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
-def _block(c0=5, k=3, bn_size=2, num_layers=3, dtype=torch.float64, seed=0, drop_rate=0.0, momentum=0.1):
+def _block(c0=5, k=3, bn_size=2, num_layers=3, dtype=torch.float64, seed=0, drop_rate=0.0, momentum=0.1, device="cpu"):
     torch.manual_seed(seed)
     block = _DenseBlock(num_layers, c0, bn_size, k, drop_rate).to(dtype)
     _randomize_bn(block, seed)
     for m in block.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum
-    return block
+    return block.to(device)
 
 
 def _params(block: nn.Module) -> list[DenseLayerParams]:
     return [DenseLayerParams.from_module(layer) for layer in block.values()]
 
 
-def _input(shape, dtype, channels_last, seed=1):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+def _input(shape, dtype, channels_last, seed=1, device="cpu"):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device, dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -72,21 +78,25 @@ def _compare_modules(a: nn.Module, b: nn.Module, tol: float, grads: bool = True)
         assert max_abs_err(ba.double(), bb.double()) <= tol, f"buffer {name}"
 
 
+@pytest.mark.parametrize("device,backend", BLOCK_RUNS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_dense_block_matches_reference(dtype, channels_last, training):
-    fused = _block(dtype=dtype)
+def test_dense_block_matches_reference(device, backend, dtype, channels_last, training):
+    if backend is not None:
+        skip_unless_available("dense_block", backend, device)
+    fused = _block(dtype=dtype, device=device)
     ref = copy.deepcopy(fused)
-    x = _input((3, 5, 6, 7), dtype, channels_last)
+    x = _input((3, 5, 6, 7), dtype, channels_last, device=device)
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yf = dense_block(xf, _params(fused), training=training)
+    grad = _input((3, 5 + 3 * 3, 6, 7), dtype, channels_last, seed=2, device=device)
+    with fastblocks.use_backend(backend):
+        yf = dense_block(xf, _params(fused), training=training)
+        yf.backward(grad)
     yr = dense_block_reference(xr, _params(ref), training=training)
     assert yf.shape == (3, 5 + 3 * 3, 6, 7)
     assert yf.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert max_abs_err(yf, yr) <= TOL[dtype]
-    grad = _input(yf.shape, dtype, channels_last, seed=2)
-    yf.backward(grad)
     yr.backward(grad)
     assert max_abs_err(xf.grad, xr.grad) <= TOL[dtype] * max(1.0, float(xr.grad.abs().max()))
     _compare_modules(fused, ref, TOL[dtype])
@@ -152,12 +162,13 @@ def test_dense_block_gradcheck(training, keep):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_running_statistics_updated_once_as_batchnorm():
+@pytest.mark.parametrize("device", devices())
+def test_running_statistics_updated_once_as_batchnorm(device):
     """norm1 of layer i sees the prefix: its running stats are the concatenated chunk stats."""
-    fused = _block(momentum=0.1)
+    fused = _block(momentum=0.1, device=device)
     ref = copy.deepcopy(fused)
     for step in range(2):
-        x = _input((4, 5, 5, 5), torch.float64, False, seed=10 + step).requires_grad_()
+        x = _input((4, 5, 5, 5), torch.float64, False, seed=10 + step, device=device).requires_grad_()
         y = dense_block(x, _params(fused), training=True)
         y_ref = dense_block_reference(x.detach(), _params(ref), training=True)
         snapshot = copy.deepcopy(fused.state_dict())
@@ -171,53 +182,57 @@ def test_running_statistics_updated_once_as_batchnorm():
     _compare_modules(fused, ref, 1e-12, grads=False)
 
 
-def test_running_statistics_cumulative_average():
-    fused = _block(momentum=None)
+@pytest.mark.parametrize("device", devices())
+def test_running_statistics_cumulative_average(device):
+    fused = _block(momentum=None, device=device)
     ref = copy.deepcopy(fused)
     for step in range(3):
-        x = _input((2, 5, 4, 4), torch.float64, False, seed=20 + step)
+        x = _input((2, 5, 4, 4), torch.float64, False, seed=20 + step, device=device)
         dense_block(x, _params(fused), training=True)
         dense_block_reference(x, _params(ref), training=True)
     _compare_modules(fused, ref, 1e-12, grads=False)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
-def test_dropout_draws_the_eager_masks(keep):
+def test_dropout_draws_the_eager_masks(keep, device):
     """Same seed -> the same masks as eager F.dropout; backward replays them from the saved RNG
-    state (with the bottlenecks recomputed or kept: dropout acts after conv2, not on them)."""
-    fused = _block(drop_rate=0.5)
+    state (with the bottlenecks recomputed or kept: dropout acts after conv2, not on them).
+    The generator is x's device's (the CPU's or the current CUDA device's)."""
+    fused = _block(drop_rate=0.5, device=device)
     ref = copy.deepcopy(fused)
-    x = _input((3, 5, 6, 6), torch.float64, False)
+    x = _input((3, 5, 6, 6), torch.float64, False, device=device)
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(123)
     yf = dense_block(xf, _params(fused), training=True, drop_rate=0.5, keep_bottleneck=keep)
-    state_after_fused = torch.get_rng_state()
+    state_after_fused = rng_state(device)
     torch.manual_seed(123)
     yr = dense_block_reference(xr, _params(ref), training=True, drop_rate=0.5)
-    assert torch.equal(state_after_fused, torch.get_rng_state())  # same draws, same count
+    assert torch.equal(state_after_fused, rng_state(device))  # same draws, same count
     assert max_abs_err(yf, yr) <= 1e-10
     assert (yf[:, 5:] == 0).any()  # dropout did drop something
-    grad = _input(yf.shape, torch.float64, False, seed=2)
+    grad = _input(yf.shape, torch.float64, False, seed=2, device=device)
     torch.manual_seed(999)  # something else happens between forward and backward
-    before = torch.get_rng_state()
+    before = rng_state(device)
     yf.backward(grad)
-    assert torch.equal(before, torch.get_rng_state())  # backward leaves the generator alone
+    assert torch.equal(before, rng_state(device))  # backward leaves the generator alone
     yr.backward(grad)
     assert max_abs_err(xf.grad, xr.grad) <= 1e-10
     _compare_modules(fused, ref, 1e-10)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_kept_bottlenecks_change_nothing_but_the_work(channels_last, training):
+def test_kept_bottlenecks_change_nothing_but_the_work(channels_last, training, device):
     """keep_bottleneck only decides what backward recomputes: the output, input gradient,
     parameter gradients and running buffers agree for False, True and the default (which,
     here, keeps only the last layer's: C_i = 5, 8, 11, 14 against 4 B = 12)."""
-    x = _input((3, 5, 6, 7), torch.float64, channels_last)
-    grad = _input((3, 5 + 4 * 3, 6, 7), torch.float64, channels_last, seed=2)
+    x = _input((3, 5, 6, 7), torch.float64, channels_last, device=device)
+    grad = _input((3, 5 + 4 * 3, 6, 7), torch.float64, channels_last, seed=2, device=device)
     runs = {}
     for keep in (False, True, None):
-        block = _block(c0=5, k=3, bn_size=1, num_layers=4)
+        block = _block(c0=5, k=3, bn_size=1, num_layers=4, device=device)
         xi = x.clone().requires_grad_()
         y = dense_block(xi, _params(block), training=training, keep_bottleneck=keep)
         y.backward(grad)
@@ -236,12 +251,13 @@ def test_keep_bottleneck_must_be_a_bool_or_none():
         dense_block(_input((2, 5, 4, 4), torch.float64, False), _params(block), training=True, keep_bottleneck="yes")
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("keep", [None, False, True], ids=["default", "recompute", "keep"])
-def test_saves_only_the_buffer_and_vectors(keep):
+def test_saves_only_the_buffer_and_vectors(keep, device):
     """The buffer and the statistics; with ``keep_bottleneck=True`` each layer's bottleneck too
     (the default keeps none here: C_i = 16..40 is below 4 B = 128)."""
-    block = _block(c0=16, k=8, bn_size=4, num_layers=4, dtype=torch.float32)
-    x = _input((4, 16, 16, 16), torch.float32, False).requires_grad_()
+    block = _block(c0=16, k=8, bn_size=4, num_layers=4, dtype=torch.float32, device=device)
+    x = _input((4, 16, 16, 16), torch.float32, False, device=device).requires_grad_()
     param_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved: dict[int, int] = {}
 
@@ -264,21 +280,22 @@ def test_saves_only_the_buffer_and_vectors(keep):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", ["transition", "stem"])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_transition_and_stem_match_reference(op, channels_last, training, backend):
+@pytest.mark.parametrize("device,backend", device_backends(["cpu", "reference"]))
+def test_transition_and_stem_match_reference(op, channels_last, training, device, backend):
     """On the compiled CPU backend the stem runs BN-ReLU-maxpool as one kernel and keeps the
     pool's winners; on the others it recomputes BN-ReLU and the max-pool in backward."""
-    skip_unless_available("dense_transition", backend, "cpu")
+    skip_unless_available("dense_transition", backend, device)
     torch.manual_seed(0)
     if op == "transition":
         bn, conv = nn.BatchNorm2d(6).double(), nn.Conv2d(6, 3, 1, bias=False).double()
-        x = _input((2, 6, 7, 6), torch.float64, channels_last)
+        x = _input((2, 6, 7, 6), torch.float64, channels_last, device=device)
         fused_fn, ref_fn = dense_transition, dense_transition_reference
     else:
         bn, conv = nn.BatchNorm2d(4).double(), nn.Conv2d(3, 4, 7, 2, 3, bias=False).double()
-        x = _input((2, 3, 15, 12), torch.float64, channels_last)
+        x = _input((2, 3, 15, 12), torch.float64, channels_last, device=device)
         fused_fn, ref_fn = stem_conv_bn_relu_pool, stem_reference
     _randomize_bn(bn, 3)
+    bn, conv = bn.to(device), conv.to(device)
     bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     saved = []
@@ -291,7 +308,7 @@ def test_transition_and_stem_match_reference(op, channels_last, training, backen
             yf = fused_fn(xf, BatchNormParams.from_module(bn), conv.weight, training=training)
         else:
             yf = fused_fn(xf, conv.weight, BatchNormParams.from_module(bn), training=training)
-        yf.backward(_input(yf.shape, torch.float64, channels_last, seed=5))
+        yf.backward(_input(yf.shape, torch.float64, channels_last, seed=5, device=device))
     ran = {e.name for e in prof.events()}
     if op == "transition":  # BN-ReLU-avgpool as one kernel each way on the compiled CPU backend
         for kernel in ("fastblocks::transition_pool_fwd", "fastblocks::transition_pool_bwd"):
@@ -303,7 +320,7 @@ def test_transition_and_stem_match_reference(op, channels_last, training, backen
         assert (torch.int8 in saved) == (backend == "cpu")  # the pool's winners
     assert yf.shape == yr.shape
     assert max_abs_err(yf, yr) <= 1e-10
-    yr.backward(_input(yf.shape, torch.float64, channels_last, seed=5))
+    yr.backward(_input(yf.shape, torch.float64, channels_last, seed=5, device=device))
     assert max_abs_err(xf.grad, xr.grad) <= 1e-10
     for a, b in ((bn, bn_ref), (conv, conv_ref)):
         _compare_modules(a, b, 1e-10)
@@ -336,11 +353,13 @@ def test_transition_and_stem_gradcheck(op, training, channels_last):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_triton_backend_in_interpreter():
-    skip_unless_available("dense_block", "triton", "cpu")
-    fused = _block(c0=4, k=2, bn_size=2, num_layers=2, dtype=torch.float32)
+@pytest.mark.parametrize("device", devices())
+def test_triton_backend_in_interpreter(device):
+    """The triton backend (in the interpreter on CPU machines, compiled on a GPU)."""
+    skip_unless_available("dense_block", "triton", device)
+    fused = _block(c0=4, k=2, bn_size=2, num_layers=2, dtype=torch.float32, device=device)
     ref = copy.deepcopy(fused)
-    x = _input((2, 4, 5, 5), torch.float32, True)
+    x = _input((2, 4, 5, 5), torch.float32, True, device=device)
     xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     with fastblocks.use_backend("triton"):
         yf = dense_block(xf, _params(fused), training=True)
@@ -352,11 +371,12 @@ def test_triton_backend_in_interpreter():
     _compare_modules(fused, ref, 1e-3)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
-def test_autocast_computes_in_one_dtype(keep):
-    block = _block(dtype=torch.float32)
-    x = _input((2, 5, 6, 6), torch.float32, False).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_computes_in_one_dtype(keep, device):
+    block = _block(dtype=torch.float32, device=device)
+    x = _input((2, 5, 6, 6), torch.float32, False, device=device).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = dense_block(x, _params(block), training=True, keep_bottleneck=keep)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -386,20 +406,21 @@ def test_bad_arguments_raise_clear_errors():
         )
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_dense_block_low_precision_training(dtype, keep):
+def test_dense_block_low_precision_training(dtype, keep, device):
     """fp16/bf16 storage: at most twice eager's error (same dtype) against a float64 reference."""
-    ref = _block(c0=6, k=4, bn_size=2, num_layers=3)
+    ref = _block(c0=6, k=4, bn_size=2, num_layers=3, device=device)
     eager, fused = copy.deepcopy(ref).to(dtype), copy.deepcopy(ref).to(dtype)
-    x = _input((4, 6, 8, 8), torch.float64, False)
+    x = _input((4, 6, 8, 8), torch.float64, False, device=device)
     xs = [x.to(t).detach().requires_grad_() for t in (torch.float64, dtype, dtype)]
     outs = [
         dense_block_reference(xs[0], _params(ref), training=True),
         dense_block_reference(xs[1], _params(eager), training=True),
         dense_block(xs[2], _params(fused), training=True, keep_bottleneck=keep),
     ]
-    grad = _input(outs[0].shape, torch.float64, False, seed=2)
+    grad = _input(outs[0].shape, torch.float64, False, seed=2, device=device)
     for out in outs:
         out.backward(grad.to(out.dtype))
     slack = 1e-3 if dtype == torch.float16 else 2e-2  # relative to each tensor's largest value
@@ -410,11 +431,12 @@ def test_dense_block_low_precision_training(dtype, keep):
         assert_close_to_reference(p_fused.grad, p_eager.grad, p_ref.grad, atol=atol, name=f"grad of {name}")
 
 
-def test_kept_bottlenecks_compile_without_graph_break():
+@pytest.mark.parametrize("device", devices())
+def test_kept_bottlenecks_compile_without_graph_break(device):
     """The block with kept bottlenecks traces whole (aot_eager, fullgraph) and matches eager."""
-    block = _block(c0=5, k=3, bn_size=1, num_layers=3)
+    block = _block(c0=5, k=3, bn_size=1, num_layers=3, device=device)
     layers = _params(block)
-    x = _input((2, 5, 5, 6), torch.float64, False)
+    x = _input((2, 5, 5, 6), torch.float64, False, device=device)
 
     def f(x):
         return dense_block(x, layers, training=True, keep_bottleneck=True)

@@ -17,6 +17,7 @@ from fastblocks.models import resnet as R
 from fastblocks.nn import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn import BatchNormReLU2d, BNAddReLU
 from fastblocks.testing import saved_tensor_bytes
+from tests.helpers import devices, to_device
 from tests.models.resnet_twins import assert_same_training, condition, twins
 
 # A copy of shared/reference/torchvision_models.json (torchvision 0.29.2 state_dict keys and shapes).
@@ -122,8 +123,11 @@ def test_eager_twin_is_torchvision_forward() -> None:
 
 
 # ----------------------------------------------------------------------------- fused == eager twin
-def test_twin_resnet18_training() -> None:
-    assert_same_training(*twins(R.resnet18, **SMALL))
+# The CUDA cases (``device``) run both twins on the GPU behind a CPU interface (tests/helpers.py:
+# ``to_device``): resnet_twins.assert_same_training builds its batches on the CPU.
+@pytest.mark.parametrize("device", devices())
+def test_twin_resnet18_training(device: str) -> None:
+    assert_same_training(*to_device(twins(R.resnet18, **SMALL), device))
 
 
 @pytest.mark.slow
@@ -131,19 +135,21 @@ def test_twin_resnet50_training() -> None:
     assert_same_training(*twins(R.resnet50, **SMALL))
 
 
-def test_twin_resnet18_channels_last() -> None:
-    fused, eager = twins(R.resnet18, **SMALL)
+@pytest.mark.parametrize("device", devices())
+def test_twin_resnet18_channels_last(device: str) -> None:
+    fused, eager = to_device(twins(R.resnet18, **SMALL), device)
     assert_same_training(fused, eager, steps=2, channels_last=True)
     out = fused.train()(torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last))
     assert out.shape == (2, 10)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("variant", R.BLOCK_VARIANTS)
-def test_twin_block_variants(variant: str) -> None:
+def test_twin_block_variants(variant: str, device: str) -> None:
     # Bottleneck variants here; BasicBlock variants on resnet20 in test_cifar.py (same code, cheaper).
     fused, eager = twins(_tiny(R.Bottleneck, block_variant=variant))
     assert fused.block_variant == variant
-    assert_same_training(fused, eager, steps=2)
+    assert_same_training(*to_device((fused, eager), device), steps=2)
 
 
 @pytest.mark.parametrize("variant", R.BLOCK_VARIANTS)

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastblocks
 from fastblocks.nn import BatchNorm2d, BatchNormReLU2d, BNAddReLU, convert_sync_batchnorm
-from tests.helpers import BACKENDS_UNDER_TEST, skip_unless_available
+from tests.helpers import BACKENDS_UNDER_TEST, device_backends, skip_unless_available
 
 CONFIGS = [
     {},
@@ -30,12 +30,12 @@ def _eager_forward(kind, bn, x, r):
     return torch.relu(y) if kind == "relu" else y
 
 
-@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("device,backend", device_backends(BACKENDS_UNDER_TEST))
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("kind", ["plain", "relu", "add_relu"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_module_tracks_nn_batchnorm_over_steps(backend, config, kind, channels_last):
-    skip_unless_available("batch_norm_act", backend, "cpu")
+def test_module_tracks_nn_batchnorm_over_steps(device, backend, config, kind, channels_last):
+    skip_unless_available("batch_norm_act", backend, device)
     cls = {"plain": BatchNorm2d, "relu": BatchNormReLU2d, "add_relu": BNAddReLU}[kind]
     torch.manual_seed(0)
     fused, eager = cls(6, **config), nn.BatchNorm2d(6, **config)
@@ -43,15 +43,16 @@ def test_module_tracks_nn_batchnorm_over_steps(backend, config, kind, channels_l
         with torch.no_grad():
             fused.weight.uniform_(0.5, 1.5)
             fused.bias.uniform_(-0.5, 0.5)
+    fused, eager = fused.to(device), eager.to(device)
     eager.load_state_dict(fused.state_dict())
     assert list(fused.state_dict()) == list(eager.state_dict())
     opt_f = torch.optim.SGD(fused.parameters(), lr=0.1) if fused.affine else None
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1) if eager.affine else None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for step in range(4):
-        x = (torch.randn(4, 6, 5, 7) * (step + 1) + step).contiguous(memory_format=fmt)
-        r = torch.randn(4, 6, 5, 7).contiguous(memory_format=fmt)
-        g = torch.randn(4, 6, 5, 7)  # a fixed upstream gradient keeps the SGD steps bounded
+        x = (torch.randn(4, 6, 5, 7) * (step + 1) + step).to(device).contiguous(memory_format=fmt)
+        r = torch.randn(4, 6, 5, 7).to(device).contiguous(memory_format=fmt)
+        g = torch.randn(4, 6, 5, 7).to(device)  # a fixed upstream gradient keeps the SGD steps bounded
         xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
         rf, re = r.clone().requires_grad_(), r.clone().requires_grad_()
         with fastblocks.use_backend(backend):
@@ -74,8 +75,8 @@ def test_module_tracks_nn_batchnorm_over_steps(backend, config, kind, channels_l
             torch.testing.assert_close(bf, be, rtol=1e-5, atol=1e-6, msg=name)
     fused.eval()
     eager.eval()
-    x = torch.randn(2, 6, 3, 3)
-    r = torch.randn(2, 6, 3, 3)
+    x = torch.randn(2, 6, 3, 3).to(device)
+    r = torch.randn(2, 6, 3, 3).to(device)
     with fastblocks.use_backend(backend):
         yf = fused(x, r) if kind == "add_relu" else fused(x)
     torch.testing.assert_close(yf, _eager_forward(kind, eager, x, r), rtol=1e-5, atol=1e-5)
@@ -99,16 +100,16 @@ def test_one_value_per_channel_raises_like_torch():
         BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("device,backend", device_backends(BACKENDS_UNDER_TEST))
 @pytest.mark.parametrize("kind", ["bn", "bn_relu", "bn_add_relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("registered", [False, True], ids=["eager-path", "registered-op"])
-def test_empty_batch_behaves_like_torch(backend, kind, training, registered):
+def test_empty_batch_behaves_like_torch(device, backend, kind, training, registered):
     """N = 0: an empty output, zero parameter gradients, running buffers untouched and
     num_batches_tracked still counted, exactly as nn.BatchNorm2d (+ReLU, +add)."""
-    skip_unless_available("batch_norm_act", backend, "cpu")
+    skip_unless_available("batch_norm_act", backend, device)
     module = {"bn": BatchNorm2d, "bn_relu": BatchNormReLU2d, "bn_add_relu": BNAddReLU}[kind]
-    eager, fused = nn.BatchNorm2d(3), module(3)
+    eager, fused = nn.BatchNorm2d(3).to(device), module(3).to(device)
     for m in (eager, fused):
         m.running_mean.uniform_(-1, 1)
         m.running_var.uniform_(0.5, 2)
@@ -117,8 +118,8 @@ def test_empty_batch_behaves_like_torch(backend, kind, training, registered):
     fused.load_state_dict(eager.state_dict())
     outs = []
     for m in (eager, fused):
-        x = torch.randn(0, 3, 4, 5, requires_grad=True)
-        r = torch.randn(0, 3, 4, 5, requires_grad=True)
+        x = torch.randn(0, 3, 4, 5, device=device, requires_grad=True)
+        r = torch.randn(0, 3, 4, 5, device=device, requires_grad=True)
         mode = _AnyMode() if registered else contextlib.nullcontext()
         with fastblocks.use_backend(backend), mode:
             y = m(x) if m is eager else (m(x, r) if kind == "bn_add_relu" else m(x))

@@ -4,7 +4,8 @@
 On the compiled CPU backend a plain eager call is one autograd node with the BatchNorm inside
 (``bn_fused_fwd``, the convolution, ``bn_fused_bwd``); on the others it is ``bn_stats`` ->
 scale/shift -> ``bn_relu_conv2d``. Both must track eager: outputs, every gradient, the running
-buffers and ``num_batches_tracked``.
+buffers and ``num_batches_tracked``. On CUDA (where a GPU is present) the comparison runs on
+the triton, cuda and reference backends.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 import fastblocks
 from fastblocks.nn.conv import BNReLUConv2d, bn_relu_conv
 from fastblocks.testing import max_abs_err
-from tests.helpers import BACKENDS_UNDER_TEST, skip_unless_available
+from tests.helpers import BACKENDS_UNDER_TEST, device_backends, skip_unless_available
 
 CONFIGS = {
     "3x3-s2": dict(kernel_size=3, stride=2, padding=1),
@@ -56,20 +57,20 @@ def _step(eager, fused, x, grad, channels_last):
     return ye, yf, xe.grad, xf.grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("device,backend", device_backends(BACKENDS_UNDER_TEST))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("bn_name", list(BN_OPTIONS))
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-def test_tracks_eager_over_steps_and_eval(cfg_name, bn_name, channels_last, backend):
-    skip_unless_available("bn_relu_conv2d", backend, "cpu")
-    eager, fused = _pair(CONFIGS[cfg_name], BN_OPTIONS[bn_name])
+def test_tracks_eager_over_steps_and_eval(cfg_name, bn_name, channels_last, device, backend):
+    skip_unless_available("bn_relu_conv2d", backend, device)
+    eager, fused = (m.to(device) for m in _pair(CONFIGS[cfg_name], BN_OPTIONS[bn_name]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        out_shape = eager[2](torch.zeros(3, 4, 9, 8)).shape
+        out_shape = eager[2](torch.zeros(3, 4, 9, 8, device=device)).shape
     with fastblocks.use_backend(backend):
         for _ in range(3):
-            x = torch.randn(3, 4, 9, 8, generator=g) * 2 + 0.5
-            grad = torch.randn(out_shape, generator=g)
+            x = (torch.randn(3, 4, 9, 8, generator=g) * 2 + 0.5).to(device)
+            grad = torch.randn(out_shape, generator=g).to(device)
             ye, yf, gxe, gxf = _step(eager, fused, x, grad, channels_last)
             assert yf.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             assert max_abs_err(yf, ye) <= 1e-5
@@ -81,8 +82,9 @@ def test_tracks_eager_over_steps_and_eval(cfg_name, bn_name, channels_last, back
                 assert torch.allclose(bf.double(), be.double(), rtol=1e-6, atol=1e-6), name
         eager.eval()
         fused.eval()
-        x = torch.randn(2, 4, 9, 8, generator=g)
-        ye, yf, gxe, gxf = _step(eager, fused, x, torch.randn(out_shape[1:]).expand(2, *out_shape[1:]), channels_last)
+        x = torch.randn(2, 4, 9, 8, generator=g).to(device)
+        grad = torch.randn(out_shape[1:]).to(device).expand(2, *out_shape[1:])
+        ye, yf, gxe, gxf = _step(eager, fused, x, grad, channels_last)
         assert max_abs_err(yf, ye) <= 1e-5 and max_abs_err(gxf, gxe) <= 1e-5
 
 

@@ -19,7 +19,13 @@ from fastblocks.nn import ConvBNReLU2d, convert_sync_batchnorm
 from fastblocks.nn.conv import conv_bn_relu
 from fastblocks.nn.fold import FoldedConv2d
 from fastblocks.testing import saved_tensor_bytes
-from tests.helpers import BACKENDS_UNDER_TEST, devices, skip_bf16_in_interpreter, skip_unless_available
+from tests.helpers import (
+    BACKENDS_UNDER_TEST,
+    device_backends,
+    devices,
+    skip_bf16_in_interpreter,
+    skip_unless_available,
+)
 
 OP = "batch_norm_act"
 
@@ -301,11 +307,11 @@ def test_one_value_per_channel_in_training_raises_like_torch(backend):
         assert fused(x).shape == (1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
-def test_empty_batch_behaves_as_eager(backend):
-    skip_unless_available(OP, backend, "cpu")
-    fused, eager = _pair((0, 6, 5, 4, 3, 1, 1, True))
-    x = torch.randn(0, 6, 4, 4)
+@pytest.mark.parametrize("device,backend", device_backends(BACKENDS_UNDER_TEST))
+def test_empty_batch_behaves_as_eager(device, backend):
+    skip_unless_available(OP, backend, device)
+    fused, eager = _pair((0, 6, 5, 4, 3, 1, 1, True), device)
+    x = torch.randn(0, 6, 4, 4, device=device)
     xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
     with fastblocks.use_backend(backend):
         yf = fused(xf)

@@ -1,4 +1,8 @@
-"""Inference folding: BN folded into convs, conv + bias (+ residual) (+ ReLU) in one call."""
+"""Inference folding: BN folded into convs, conv + bias (+ residual) (+ ReLU) in one call.
+
+The ``device`` cases also run on CUDA where a GPU is present (FoldedConv2d's cuDNN fused
+conv-bias-(add-)ReLU path, FrozenBatchNorm2d's batch_norm_act; TF32 off: tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from torch import nn
 
 from fastblocks.nn import BatchNormReLU2d
 from fastblocks.nn.fold import FoldedConv2d, FrozenBatchNorm2d, bn_scale_shift, fold_bn, fold_conv_bn_weights
+from tests.helpers import devices
 
 
 def _randomize_bn(bn: nn.BatchNorm2d) -> None:
@@ -20,8 +25,9 @@ def _randomize_bn(bn: nn.BatchNorm2d) -> None:
         bn.bias.uniform_(-1, 1)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_sequential_conv_bn_relu_folds_to_same_outputs(channels_last):
+def test_sequential_conv_bn_relu_folds_to_same_outputs(channels_last, device):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, stride=2),
@@ -35,11 +41,11 @@ def test_sequential_conv_bn_relu_folds_to_same_outputs(channels_last):
     for m in model:
         if isinstance(m, nn.BatchNorm2d):
             _randomize_bn(m)
-    model.eval()
+    model.eval().to(device)
     folded = fold_bn(model)
     assert sum(isinstance(m, FoldedConv2d) for m in folded) == 3
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(2, 3, 13, 13)
+    x = torch.randn(2, 3, 13, 13).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -47,13 +53,15 @@ def test_sequential_conv_bn_relu_folds_to_same_outputs(channels_last):
     assert model[1].training is False and isinstance(model[1], nn.BatchNorm2d)  # original untouched
 
 
-def test_folded_conv_with_residual_matches():
+@pytest.mark.parametrize("device", devices())
+def test_folded_conv_with_residual_matches(device):
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
     _randomize_bn(bn)
     bn.eval()
+    conv, bn = conv.to(device), bn.to(device)
     fc = FoldedConv2d(conv, bn, relu=True)
-    x, r = torch.randn(2, 8, 7, 7), torch.randn(2, 8, 7, 7)
+    x, r = torch.randn(2, 8, 7, 7).to(device), torch.randn(2, 8, 7, 7).to(device)
     with torch.no_grad():
         torch.testing.assert_close(fc(x, r), torch.relu(bn(conv(x)) + r), rtol=1e-5, atol=1e-5)
 
@@ -83,17 +91,19 @@ def _both_paths(module: nn.Module, *args: torch.Tensor) -> tuple[torch.Tensor, t
     return fast, slow.detach()
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_folded_conv_every_epilogue_on_both_paths(relu, with_residual, channels_last):
+def test_folded_conv_every_epilogue_on_both_paths(relu, with_residual, channels_last, device):
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(8, 12, 3, padding=1, stride=2, groups=4, bias=True), nn.BatchNorm2d(12)
     _randomize_bn(bn)
     bn.eval()
+    conv, bn = conv.to(device), bn.to(device)
     fc = FoldedConv2d(conv, bn, relu=relu)
     assert (fc.in_channels, fc.out_channels, fc.kernel_size) == (8, 12, (3, 3))
-    x, r = torch.randn(2, 8, 9, 9), torch.randn(2, 12, 5, 5)
+    x, r = torch.randn(2, 8, 9, 9).to(device), torch.randn(2, 12, 5, 5).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     args = (x, r) if with_residual else (x,)
@@ -133,15 +143,16 @@ def test_scale_output_pushes_a_per_channel_scale_into_the_conv():
         torch.testing.assert_close(fc(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("relu", [False, True])
-def test_frozen_batchnorm_is_eval_batchnorm(relu):
+def test_frozen_batchnorm_is_eval_batchnorm(relu, device):
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(6)
     _randomize_bn(bn)
-    bn.eval()
+    bn.eval().to(device)
     frozen = FrozenBatchNorm2d(bn, relu=relu)
     assert set(frozen.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
-    x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 5, 5).to(device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = torch.relu(bn(x)) if relu else bn(x)
         s, t = bn_scale_shift(bn)

@@ -1,8 +1,10 @@
 """fastblocks::bn_relu_conv2d against plain autograd of its reference, on the reference and Triton backends.
 
 Triton runs in the interpreter on CPU machines (tests/conftest.py), so Triton shapes stay tiny.
-The op has no C++ kernels: only ``reference`` and ``triton`` are parametrized (a ``cpu``
-parameter would fail under FASTBLOCKS_REQUIRE_BACKENDS=cpu, which is about other ops).
+The ``cpu``/``cuda`` backends run the BatchNorm family's compiled kernels for the prologue and
+PyTorch's convolutions. Every comparison also runs on CUDA where a GPU is present (the
+``device`` parameter; there the ``tl.dot`` kernels run compiled, bf16 included, with TF32 off on
+both sides: tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ from fastblocks.ops.bn_relu_conv import (
     bn_relu_conv2d_reference,
 )
 from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
-from tests.helpers import RecordOps, skip_bf16_in_interpreter, skip_unless_available
+from tests.helpers import (
+    CUDA_BACKENDS,
+    RecordOps,
+    deterministic_cudnn,
+    device_backends,
+    devices,
+    skip_bf16_in_interpreter,
+    skip_unless_available,
+)
 
 OP = "bn_relu_conv2d"
 BACKENDS = ["reference", "triton", "cpu"]
+# (device, backend): BACKENDS on the CPU, CUDA_BACKENDS on a GPU.
+RUNS = device_backends(BACKENDS)
 
 # (N, C_in, C_out, H, W, kernel, stride, padding): small enough for the Triton interpreter.
 SMALL = [
@@ -43,18 +55,18 @@ LAYOUTS = ["contiguous", "channels_last"]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
-def _inputs(case, dtype, layout="contiguous", seed=0, shift_mean=0.0):
+def _inputs(case, dtype, layout="contiguous", seed=0, shift_mean=0.0, device="cpu"):
     n, c, co, h, w, k, _, _ = case
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
     scale = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
     shift = shift_mean + 0.5 * torch.randn(c, generator=g, dtype=torch.float64)
     weight = torch.randn(co, c, k, k, generator=g, dtype=torch.float64) / (c * k * k) ** 0.5
-    x, weight = x.to(dtype), weight.to(dtype)
+    x, weight = x.to(device, dtype), weight.to(device, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     vec = torch.float64 if dtype == torch.float64 else torch.float32
-    return x, scale.to(vec), shift.to(vec), weight
+    return x, scale.to(device, vec), shift.to(device, vec), weight
 
 
 def _conv_kwargs(case):
@@ -82,7 +94,8 @@ def _check_against_reference(backend, tensors, dtype, grad_out=None, **conv):
 
     y_shape = ref(*tensors).shape
     if grad_out is None:
-        grad_out = torch.randn(y_shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+        grad_out = torch.randn(y_shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        grad_out = grad_out.to(tensors[0].device, dtype)
     truth = _grads_of(ref, [t.double() for t in tensors], grad_out.double())
     eager = _grads_of(ref, tensors, grad_out)
     got = _grads_of(fused, tensors, grad_out, backend)
@@ -92,65 +105,70 @@ def _check_against_reference(backend, tensors, dtype, grad_out=None, **conv):
     return got
 
 
-CASES = [(case, backend) for case in SMALL for backend in BACKENDS] + [(case, "reference") for case in LARGE]
+def _cases(device):
+    backends = BACKENDS if device == "cpu" else CUDA_BACKENDS
+    return [(device, case, b) for case in SMALL for b in backends] + [(device, case, "reference") for case in LARGE]
+
+
+CASES = [run for device in devices() for run in _cases(device)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case,backend", CASES, ids=str)
-def test_matches_reference_forward_and_backward(case, backend, dtype, layout):
-    skip_unless_available(OP, backend, "cpu")
-    skip_bf16_in_interpreter(backend, dtype, "cpu")
-    tensors = _inputs(case, dtype, layout)
+@pytest.mark.parametrize("device,case,backend", CASES, ids=str)
+def test_matches_reference_forward_and_backward(device, case, backend, dtype, layout):
+    skip_unless_available(OP, backend, device)
+    skip_bf16_in_interpreter(backend, dtype, device)
+    tensors = _inputs(case, dtype, layout, device=device)
     y = _check_against_reference(backend, tensors, dtype, **_conv_kwargs(case))[0]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", RUNS)
 @pytest.mark.parametrize("buffer_layout", LAYOUTS)
-def test_strided_inputs_and_grads(backend, buffer_layout):
+def test_strided_inputs_and_grads(device, backend, buffer_layout):
     # A dense block reads a channel prefix of a wider buffer in place: x is a strided view.
     # The incoming gradient is an expanded (stride-0) or transposed tensor.
-    skip_unless_available(OP, backend, "cpu")
+    skip_unless_available(OP, backend, device)
     case = (2, 6, 5, 7, 7, 3, 1, 1)
-    x, scale, shift, weight = _inputs(case, torch.float32)
-    buf = torch.randn(2, 9, 7, 7)
+    x, scale, shift, weight = _inputs(case, torch.float32, device=device)
+    buf = torch.randn(2, 9, 7, 7).to(device)
     if buffer_layout == "channels_last":
         buf = buf.contiguous(memory_format=torch.channels_last)
     buf[:, :6] = x
     x = buf[:, :6]
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    _check_against_reference(backend, (x, scale, shift, weight), torch.float32, torch.ones(1).expand(2, 5, 7, 7),
-                             stride=1, padding=1)  # fmt: skip
-    transposed = torch.randn(2, 5, 7, 7).transpose(2, 3).contiguous().transpose(2, 3)
+    _check_against_reference(backend, (x, scale, shift, weight), torch.float32,
+                             torch.ones(1, device=device).expand(2, 5, 7, 7), stride=1, padding=1)  # fmt: skip
+    transposed = torch.randn(2, 5, 7, 7).to(device).transpose(2, 3).contiguous().transpose(2, 3)
     _check_against_reference(backend, (x, scale, shift, weight), torch.float32, transposed, stride=1, padding=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", RUNS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_zero_padding_applies_to_the_activation(backend, stride):
+def test_zero_padding_applies_to_the_activation(device, backend, stride):
     # With shift = +5 every activation is > 0: relu(shift) leaking into the border would be
     # a large error, not a rounding one.
-    skip_unless_available(OP, backend, "cpu")
+    skip_unless_available(OP, backend, device)
     case = (1, 8, 6, 7, 7, 3, stride, 1)
-    x, scale, shift, weight = _inputs(case, torch.float32, shift_mean=5.0)
+    x, scale, shift, weight = _inputs(case, torch.float32, shift_mean=5.0, device=device)
     got = _check_against_reference(backend, (x, scale, shift, weight), torch.float32, stride=stride, padding=1)
     wrong = F.conv2d(torch.relu(F.pad(x, (1, 1, 1, 1)) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)),
                      weight, stride=stride)  # fmt: skip
     assert (got[0] - wrong).abs().max() > 1.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", RUNS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_stats_epilogue_and_its_gradient(backend, layout, dtype):
-    skip_unless_available(OP, backend, "cpu")
+def test_stats_epilogue_and_its_gradient(device, backend, layout, dtype):
+    skip_unless_available(OP, backend, device)
     case = (2, 8, 12, 7, 7, 3, 2, 1)
-    tensors = _inputs(case, dtype, layout)
+    tensors = _inputs(case, dtype, layout, device=device)
     gen = torch.Generator().manual_seed(3)
-    gy = torch.randn(2, 12, 4, 4, generator=gen).to(dtype)
-    gs, gss = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
+    gy = torch.randn(2, 12, 4, 4, generator=gen).to(device, dtype)
+    gs, gss = torch.randn(12, generator=gen).to(device), torch.randn(12, generator=gen).to(device)
 
     fused_in = [t.clone().requires_grad_() for t in tensors]
     with fastblocks.use_backend(backend):
@@ -179,11 +197,11 @@ def test_stats_epilogue_and_its_gradient(backend, layout, dtype):
     ],
     ids=["groups2", "dilation2", "5x5"],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_uncovered_shapes_fall_back(case, conv, backend):
-    skip_unless_available(OP, backend, "cpu")
+@pytest.mark.parametrize("device,backend", RUNS)
+def test_uncovered_shapes_fall_back(case, conv, device, backend):
+    skip_unless_available(OP, backend, device)
     c, stride, padding = case[1], case[6], case[7]
-    x, scale, shift, weight = _inputs(case, torch.float32)
+    x, scale, shift, weight = _inputs(case, torch.float32, device=device)
     weight = weight[:, : c // conv.get("groups", 1)].contiguous()
     kwargs = {"stride": stride, "padding": padding, **conv}
     assert not _triton_covers(x, weight, _make_conv(stride, padding, conv.get("dilation", 1), conv.get("groups", 1)))
@@ -194,34 +212,37 @@ def test_uncovered_shapes_fall_back(case, conv, backend):
     assert saved == sum(t.nbytes for t in leaves)
 
 
-def test_float64_on_triton_backend_runs_the_reference_path():
-    skip_unless_available(OP, "triton", "cpu")
-    tensors = _inputs(SMALL[2], torch.float64)
+@pytest.mark.parametrize("device", devices())
+def test_float64_on_triton_backend_runs_the_reference_path(device):
+    skip_unless_available(OP, "triton", device)
+    tensors = _inputs(SMALL[2], torch.float64, device=device)
     got = _check_against_reference("triton", tensors, torch.float64, **_conv_kwargs(SMALL[2]))
     eager = _grads_of(lambda *t: bn_relu_conv2d_reference(*t, 1, 1), tensors, torch.ones_like(got[0]))
     assert got[0].dtype == torch.float64 and torch.allclose(got[0], eager[0], rtol=0, atol=1e-12)
 
 
-def test_wgrad_split_k_matches():
-    skip_unless_available(OP, "triton", "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_wgrad_split_k_matches(device):
+    skip_unless_available(OP, "triton", device)
     case = (2, 8, 12, 7, 7, 3, 1, 1)
-    x, scale, shift, weight = _inputs(case, torch.float32)
-    gy = torch.randn(2, 12, 7, 7)
+    x, scale, shift, weight = _inputs(case, torch.float32, device=device)
+    gy = torch.randn(2, 12, 7, 7).to(device)
     conv = _make_conv(1, 1, 1, 1)
-    one = _wgrad_triton(gy, x, scale, shift, weight, conv, split=1)
-    three = _wgrad_triton(gy, x, scale, shift, weight, conv, split=3)
+    splits = [1, 3] if device == "cpu" else [1, 3, None]  # None: the GPU's own split (from its SM count)
     expected = torch.nn.grad.conv2d_weight(
         torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)), weight.shape, gy, 1, 1
     )
-    torch.testing.assert_close(one, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(three, expected, rtol=1e-5, atol=1e-5)
+    for split in splits:
+        got = _wgrad_triton(gy, x, scale, shift, weight, conv, split=split)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m, s=split: f"split={s}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", RUNS)
 @pytest.mark.parametrize("stats", [False, True])
-def test_saves_only_x_and_vectors(backend, stats):
-    skip_unless_available(OP, backend, "cpu")
-    x, scale, shift, weight = (t.requires_grad_() for t in _inputs((2, 8, 12, 10, 10, 3, 1, 1), torch.float32))
+def test_saves_only_x_and_vectors(device, backend, stats):
+    skip_unless_available(OP, backend, device)
+    case = (2, 8, 12, 10, 10, 3, 1, 1)
+    x, scale, shift, weight = (t.requires_grad_() for t in _inputs(case, torch.float32, device=device))
     with fastblocks.use_backend(backend):
         out, fused_bytes = saved_tensor_bytes(bn_relu_conv2d, x, scale, shift, weight, padding=1, stats=stats)
 
@@ -238,10 +259,10 @@ def test_saves_only_x_and_vectors(backend, stats):
         assert fused_bytes < eager_bytes
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    skip_unless_available(OP, backend, "cpu")
-    x, scale, shift, weight = _inputs((1, 4, 3, 5, 5, 3, 1, 1), torch.float32)
+@pytest.mark.parametrize("device,backend", RUNS)
+def test_opcheck(device, backend):
+    skip_unless_available(OP, backend, device)
+    x, scale, shift, weight = _inputs((1, 4, 3, 5, 5, 3, 1, 1), torch.float32, device=device)
     xcl = x.contiguous(memory_format=torch.channels_last)
     leaves = [t.clone().requires_grad_() for t in (x, scale, shift, weight)]
     with fastblocks.use_backend(backend):
@@ -249,7 +270,7 @@ def test_opcheck(backend):
         torch.library.opcheck(op, (*leaves, [1, 1], [1, 1], [1, 1], 1, False))
         torch.library.opcheck(op, (xcl, scale, shift, weight, [2, 2], [1, 1], [1, 1], 1, True))
         bwd = torch.ops.fastblocks.bn_relu_conv2d_backward.default
-        gy = torch.randn(1, 3, 5, 5)
+        gy = torch.randn(1, 3, 5, 5).to(device)
         torch.library.opcheck(bwd, (gy, x, scale, shift, weight, [1, 1], [1, 1], [1, 1], 1, True, True))
         torch.library.opcheck(bwd, (gy, xcl, scale, shift, weight, [1, 1], [1, 1], [1, 1], 1, False, True))
 
@@ -273,15 +294,17 @@ def test_gradcheck_float64(kernel, stride, padding, stats):
         assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_empty_batch():
-    x, scale, shift, weight = _inputs((1, 4, 3, 5, 5, 3, 1, 1), torch.float32)
+@pytest.mark.parametrize("device", devices())
+def test_empty_batch(device):
+    x, scale, shift, weight = _inputs((1, 4, 3, 5, 5, 3, 1, 1), torch.float32, device=device)
     x = x[:0].requires_grad_()
-    for backend in BACKENDS:
-        skip_unless_available(OP, backend, "cpu")
+    zeros = torch.zeros(3, device=device)
+    for backend in BACKENDS if device == "cpu" else CUDA_BACKENDS:
+        skip_unless_available(OP, backend, device)
         with fastblocks.use_backend(backend):
             y, s, ss = bn_relu_conv2d(x, scale, shift, weight, padding=1, stats=True)
             y.sum().backward()
-        assert y.shape == (0, 3, 5, 5) and torch.equal(s, torch.zeros(3)) and torch.equal(ss, torch.zeros(3))
+        assert y.shape == (0, 3, 5, 5) and torch.equal(s, zeros) and torch.equal(ss, zeros)
         assert x.grad.shape == x.shape
 
 
@@ -295,13 +318,15 @@ def test_meta_tensors_shapes_and_layout():
     assert y.shape == (8, 32, 56, 56) and y.is_contiguous()
 
 
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_traces_the_op(device):
     def f(x, scale, shift, weight):
         y, s, _ = bn_relu_conv2d(x * 2, scale, shift, weight, padding=1, stats=True)
         return y.sum() + s.sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    x, scale, shift, weight = (t.requires_grad_() for t in _inputs((1, 4, 3, 5, 5, 3, 1, 1), torch.float32))
+    inputs = _inputs((1, 4, 3, 5, 5, 3, 1, 1), torch.float32, device=device)
+    x, scale, shift, weight = (t.requires_grad_() for t in inputs)
     torch.testing.assert_close(compiled(x, scale, shift, weight), f(x, scale, shift, weight))
     compiled(x, scale, shift, weight).backward()
     assert x.grad is not None and weight.grad is not None
@@ -343,9 +368,10 @@ def test_bad_input_names_the_argument(args, kwargs, exc, words):
         bn_relu_conv2d(*args, **kwargs)
 
 
-def test_triton_backend_runs_the_kernels_for_covered_shapes(monkeypatch):
+@pytest.mark.parametrize("device", devices())
+def test_triton_backend_runs_the_kernels_for_covered_shapes(device, monkeypatch):
     # No silent fallback: on covered shapes the triton backend must not touch the reference path.
-    skip_unless_available(OP, "triton", "cpu")
+    skip_unless_available(OP, "triton", device)
     import fastblocks.ops.bn_relu_conv as mod
 
     def refuse(*args, **kwargs):
@@ -353,29 +379,31 @@ def test_triton_backend_runs_the_kernels_for_covered_shapes(monkeypatch):
 
     for name in ("_fwd_reference", "_bwd_reference", "_prologue_bwd_reference"):
         monkeypatch.setattr(mod, name, refuse)
-    leaves = [t.requires_grad_() for t in _inputs((1, 4, 3, 5, 5, 3, 2, 1), torch.float16, "channels_last")]
+    case = (1, 4, 3, 5, 5, 3, 2, 1)
+    leaves = [t.requires_grad_() for t in _inputs(case, torch.float16, "channels_last", device=device)]
     with fastblocks.use_backend("triton"):
         y, s, _ = bn_relu_conv2d(*leaves, stride=2, padding=1, stats=True)
         (y.float().sum() + s.sum()).backward()
     assert all(t.grad is not None for t in leaves)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", RUNS)
 @pytest.mark.parametrize("stats", [False, True])
-def test_eager_path_equals_the_registered_op(backend, stats):
+def test_eager_path_equals_the_registered_op(device, backend, stats):
     """Plain eager calls skip the custom-op dispatch (an autograd.Function over the same
-    launchers); both paths must give identical outputs and gradients."""
-    skip_unless_available(OP, backend, "cpu")
+    launchers); both paths must give identical outputs and gradients (on CUDA with cuDNN's
+    deterministic algorithms: some of the others accumulate with atomics)."""
+    skip_unless_available(OP, backend, device)
     case = SMALL[2]
-    x, scale, shift, weight = _inputs(case, torch.float32)
+    x, scale, shift, weight = _inputs(case, torch.float32, device=device)
     results = []
     for registered in (False, True):
         leaves = [t.detach().clone().requires_grad_() for t in (x, scale, shift, weight)]
         mode = RecordOps() if registered else contextlib.nullcontext()
-        with fastblocks.use_backend(backend), mode:
+        with fastblocks.use_backend(backend), deterministic_cudnn(device), mode:
             out = bn_relu_conv2d(*leaves, stats=stats, **_conv_kwargs(case))
             y = out[0] if stats else out
-            loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+            loss = (y * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum()
             if stats:
                 loss = loss + out[1].sum() + 0.1 * out[2].sum()
             loss.backward()

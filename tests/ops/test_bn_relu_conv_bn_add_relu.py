@@ -1,7 +1,8 @@
 """The bottleneck tail ``relu(BN(conv(relu(x*scale+shift))) + identity)`` against its reference.
 
 The BatchNorm arithmetic runs on the BatchNorm kernels of each backend (reference, Triton in
-the interpreter, the compiled CPU kernels); the convolutions are PyTorch's everywhere.
+the interpreter, the compiled CPU kernels; on a GPU compiled Triton and the CUDA kernels); the
+convolutions are PyTorch's everywhere (cuDNN on CUDA, TF32 off: tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastblocks.ops.bn_relu_conv_bn_add_relu import (
     bn_relu_conv_bn_add_relu2d_reference,
 )
 from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
-from tests.helpers import BACKENDS_UNDER_TEST, skip_bf16_in_interpreter, skip_unless_available
+from tests.helpers import BACKENDS_UNDER_TEST, device_backends, devices, skip_bf16_in_interpreter, skip_unless_available
 
 OP = "batch_norm_act"
 # (N, C_in, C_out, H, W, kernel, stride, padding)
@@ -23,10 +24,12 @@ CASES = [(2, 5, 12, 7, 7, 1, 1, 0), (1, 13, 17, 9, 9, 3, 2, 1), (3, 8, 16, 5, 6,
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 GRAD_NAMES = ["y", "dx", "dscale", "dshift", "dweight", "didentity", "dbn_weight", "dbn_bias"]
+# (device, backend): every backend on the CPU (those that cannot run skip), CUDA's on a GPU.
+RUNS = device_backends(BACKENDS_UNDER_TEST)
 
 
-def _inputs(case, seed=0):
-    """fp64 tensors: x, scale, shift, weight, identity, bn_weight, bn_bias, grad."""
+def _inputs(case, seed=0, device="cpu"):
+    """fp64 tensors on ``device``: x, scale, shift, weight, identity, bn_weight, bn_bias, grad."""
     n, c, co, h, w, k, s, p = case
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +41,7 @@ def _inputs(case, seed=0):
     bn_w = 0.5 + torch.rand(co, generator=g, dtype=torch.float64)
     bn_b = 0.3 * torch.randn(co, generator=g, dtype=torch.float64)
     grad = torch.randn(n, co, ho, wo, generator=g, dtype=torch.float64)
-    return x, scale, shift, weight, identity, bn_w, bn_b, grad
+    return tuple(t.to(device) for t in (x, scale, shift, weight, identity, bn_w, bn_b, grad))
 
 
 def _run(fn, case, tensors, dtype, vec_dtype, channels_last, training, running):
@@ -58,18 +61,19 @@ def _run(fn, case, tensors, dtype, vec_dtype, channels_last, training, running):
     return [y.detach(), *grads], (rm, rv)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("device,backend", RUNS)
 @pytest.mark.parametrize(
     "dtype,case", [(torch.float32, c) for c in CASES] + [(d, CASES[1]) for d in DTYPES[1:]], ids=str
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_matches_reference(backend, dtype, case, channels_last, training):
-    skip_unless_available(OP, backend, "cpu")
-    skip_bf16_in_interpreter(backend, dtype, "cpu")
-    tensors = _inputs(case)
+def test_matches_reference(device, backend, dtype, case, channels_last, training):
+    skip_unless_available(OP, backend, device)
+    skip_bf16_in_interpreter(backend, dtype, device)
+    tensors = _inputs(case, device=device)
     co = case[2]
     running = (0.1 * torch.randn(co, dtype=torch.float64), 0.5 + torch.rand(co, dtype=torch.float64))
+    running = tuple(t.to(device) for t in running)
     with fastblocks.use_backend(backend):
         fused, fused_buf = _run(
             bn_relu_conv_bn_add_relu2d, case, tensors, dtype, torch.float32, channels_last, training, running
@@ -105,10 +109,11 @@ def test_gradcheck_float64(backend):
             )
 
 
-def test_saves_neither_the_activation_nor_the_conv_output():
+@pytest.mark.parametrize("device", devices())
+def test_saves_neither_the_activation_nor_the_conv_output(device):
     """Saved: x, the weight, [C] vectors and the output y (the next block's input)."""
     case = (4, 16, 64, 14, 14, 1, 1, 0)
-    x, scale, shift, weight, identity, bn_w, bn_b, _ = (t.float() for t in _inputs(case))
+    x, scale, shift, weight, identity, bn_w, bn_b, _ = (t.float() for t in _inputs(case, device=device))
     x.requires_grad_()
     identity.requires_grad_()
     params = [t.requires_grad_() for t in (scale, shift, weight, bn_w, bn_b)]
@@ -124,18 +129,20 @@ def test_saves_neither_the_activation_nor_the_conv_output():
     assert ref >= x.numel() * 4 * 2 + y.numel() * 4 * 2
 
 
-def test_empty_batch_and_running_buffers_like_torch():
+@pytest.mark.parametrize("device", devices())
+def test_empty_batch_and_running_buffers_like_torch(device):
     case = (0, 4, 8, 5, 5, 1, 1, 0)
-    x, scale, shift, weight, identity, bn_w, bn_b, _ = (t.float() for t in _inputs(case))
-    rm, rv = torch.full((8,), 0.5), torch.full((8,), 2.0)
+    x, scale, shift, weight, identity, bn_w, bn_b, _ = (t.float() for t in _inputs(case, device=device))
+    rm, rv = torch.full((8,), 0.5, device=device), torch.full((8,), 2.0, device=device)
     y = bn_relu_conv_bn_add_relu2d(x, scale, shift, weight, identity, bn_w, bn_b, rm, rv, training=True)
     assert y.shape == (0, 8, 5, 5)
-    assert torch.equal(rm, torch.full((8,), 0.5)) and torch.equal(rv, torch.full((8,), 2.0))
+    assert torch.equal(rm, torch.full_like(rm, 0.5)) and torch.equal(rv, torch.full_like(rv, 2.0))
 
 
-def test_torch_compile_runs_and_matches():
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_runs_and_matches(device):
     case = (2, 4, 8, 5, 5, 1, 1, 0)
-    x, scale, shift, weight, identity, bn_w, bn_b, _ = (t.float() for t in _inputs(case))
+    x, scale, shift, weight, identity, bn_w, bn_b, _ = (t.float() for t in _inputs(case, device=device))
 
     def f(x):
         return bn_relu_conv_bn_add_relu2d(x * 2, scale, shift, weight, identity, bn_w, bn_b).sum()
