@@ -14,7 +14,7 @@ CUDA_OBJ_DIR ?= build/nvcc-check
 
 STAMP := $(VENV)/.fastblocks-installed
 
-.PHONY: install run test lint bench cuda-compile clean
+.PHONY: install run test lint bench cuda-compile clean sm90-compile
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -69,3 +69,19 @@ cuda-compile: $(PY)
 
 clean:
 	rm -rf build $(CUDA_OBJ_DIR) fastblocks/*.so
+
+# Compile every Triton kernel variant the launchers produce for the H200 (sm_90) with the GPU
+# machine's Triton, ahead of time, without a GPU (tools/sm90_compile.py: the table of registers,
+# spills, shared memory and compile times goes to $(SM90_DIR)/kernels.md; exit 1 on a compile
+# error). That Triton is installed once into its own folder, ahead of the venv's on PYTHONPATH.
+# SM90_SCOPE=all compiles every layer of the models instead of representative ones (longer).
+SM90_TRITON ?= 3.6.0
+SM90_DIR ?= build/sm90
+SM90_TRITON_DIR ?= $(SM90_DIR)/triton36
+SM90_SCOPE ?= cover
+
+sm90-compile: install
+	@test -d $(SM90_TRITON_DIR)/triton-$(SM90_TRITON).dist-info \
+	  || $(PY) -m pip install --upgrade --no-deps --target $(SM90_TRITON_DIR) "triton==$(SM90_TRITON)"
+	env -u TRITON_INTERPRET PYTHONPATH=$(SM90_TRITON_DIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(PY) tools/sm90_compile.py --out $(SM90_DIR) --scope $(SM90_SCOPE)
