@@ -147,13 +147,17 @@ def test_case_catalogue(scope: str) -> None:
     convs = sm90.conv_cases(scope)
     assert {c.k for c in convs} == {1, 3}
     assert {c.stride for c in convs} == {1, 2}
-    assert {(c.k, c.stride) for c in convs if c.grid} == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    assert {(c.k, c.stride) for c in convs if c.role != "blocks"} == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    assert any(c.role == "ieee" and c.k == k for c in convs for k in (1, 3))
+    assert all(c.role in sm90.CONV_DTYPES for c in convs)
     bns = sm90.bn_cases(scope)
     assert any(b.h is None for b in bns)
     sizes = {b.h * b.h for b in bns if b.h is not None}
     assert any(s % 16 == 0 for s in sizes) and any(s % 16 for s in sizes)  # both specializations of H*W
     assert len({(b.c, b.h) for b in bns}) == len(bns)
-    assert set(sm90.CONV_DTYPES) >= {"fp16", "bf16", "fp32"}
+    assert all(b.role in sm90.BN_DTYPES for b in bns)
+    assert set(sm90.CONV_DTYPES["grid"]) == {"fp16", "bf16", "fp32"}
+    assert set(sm90.BN_DTYPES["grid"]) == {"fp16", "bf16", "fp32", "fp64"}
     assert set(sm90.LAYOUTS) == {"nchw", "channels_last"}
 
 
