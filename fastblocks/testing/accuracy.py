@@ -27,9 +27,10 @@ Chaos, measured (``tests/accuracy/``, ``python -m fastblocks.testing.accuracy --
 batches a ReLU whose pre-activation lies within the accumulated fp32 forward error of 0
 (~4e-6 relative in ResNet-18's layer4) decides differently in two fp32 computations, and layer4's
 BatchNorms (16 values per channel at 4x64x64 inputs) spread that one element into every gradient
-below it. Eager PyTorch's own fp32 gradients then differ from float64 by 1e-3 to 4e-2 (ResNet-50:
-on 16 of 16 random batches; ResNet-18: on 1 of 12), and which of two fp32 implementations is hit
-on a given batch is luck. So whole-model comparisons here use :func:`condition` (BatchNorm affine
+below it. Eager PyTorch's own fp32 gradients then differ from float64 by 1e-3 to 4e-2
+(``python benchmarks/accuracy_models.py --batches 8``: ResNet-50 on 8 of 8 batches, ResNet-18 on
+3 of 8, DenseNet-121 on 8 of 8, eager and fused alike), and which of two fp32 implementations is
+hit on a given batch is luck. So whole-model comparisons here use :func:`condition` (BatchNorm affine
 parameters that keep pre-activations away from 0) and the block- and op-level comparisons use
 adversarial data on purpose (exact zeros, BN outputs exactly at 0, constant channels) where the
 decision is exact in every implementation.
@@ -83,11 +84,13 @@ def _ulps(dtype: torch.dtype, n: float) -> float:
 #:
 #: Why an average and a worst case, not ``err_fused <= 2 err_eager + floor`` per quantity: one
 #: quantity's error is one sample of rounding noise, and the ratio of two such samples exceeds 2
-#: by chance when the quantity is ill-conditioned. Measured (``tests/accuracy``): in a Bottleneck
-#: with 4 to 9 values per channel in its BatchNorms the gradients of ``bn1`` have 10x to 27x eager's
-#: error on the ``cpu`` backend and on the ``reference`` one (pure PyTorch, another order of the
-#: same operations); BatchNorm's dx over 2 values per channel is 0 in exact arithmetic, so both
-#: errors are pure noise (5e-3 and 1e-2). A defect is far outside both limits: a wrong ReLU
+#: by chance when the quantity is ill-conditioned. Measured with :func:`run_case` on the
+#: ``bottleneck`` case at input shapes (1, 8, 3, 3) and (1, 8, 6, 6) (4 and 9 values per channel in
+#: its last BatchNorms): the gradients of ``bn1`` had 10x to 27x eager's error on the ``cpu``
+#: backend and on the ``reference`` one (pure PyTorch, another order of the same operations), which
+#: is why the block shapes give every BatchNorm at least 16 values; and BatchNorm's dx over 2
+#: values per channel (``batch_norm`` at (2, 5, 1, 1)) is 0 in exact arithmetic, so both errors are
+#: pure noise (5e-3 and 1e-2). A defect is far outside both limits: a wrong ReLU
 #: decision or a lost term moves an error by orders of magnitude (``tests/accuracy`` shows the
 #: harness failing on each), and a systematic loss of precision moves the average.
 #:
