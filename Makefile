@@ -75,13 +75,19 @@ clean:
 # spills, shared memory and compile times goes to $(SM90_DIR)/kernels.md; exit 1 on a compile
 # error). That Triton is installed once into its own folder, ahead of the venv's on PYTHONPATH.
 # SM90_SCOPE=all compiles every layer of the models instead of representative ones (longer).
+# A variant that spills more than SM90_MAX_SPILL bytes per thread fails too (spills are a
+# performance bug on Hopper; the 4-8 byte stack slots of three element-wise variants are not
+# register pressure: see tools/sm90_compile.py).
 SM90_TRITON ?= 3.6.0
 SM90_DIR ?= build/sm90
 SM90_TRITON_DIR ?= $(SM90_DIR)/triton36
 SM90_SCOPE ?= cover
+SM90_MAX_SPILL ?= 8
+SM90_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
 sm90-compile: install
 	@test -d $(SM90_TRITON_DIR)/triton-$(SM90_TRITON).dist-info \
 	  || $(PY) -m pip install --upgrade --no-deps --target $(SM90_TRITON_DIR) "triton==$(SM90_TRITON)"
 	env -u TRITON_INTERPRET PYTHONPATH=$(SM90_TRITON_DIR)$${PYTHONPATH:+:$$PYTHONPATH} \
-	  $(PY) tools/sm90_compile.py --out $(SM90_DIR) --scope $(SM90_SCOPE)
+	  $(PY) tools/sm90_compile.py --out $(SM90_DIR) --scope $(SM90_SCOPE) --max-spill $(SM90_MAX_SPILL) \
+	  --jobs $(SM90_JOBS)

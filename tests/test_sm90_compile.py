@@ -130,6 +130,9 @@ def test_table_and_summaries(tmp_path: Path) -> None:
     assert total.startswith("3 variants from 4 launcher calls: 2 compiled, 1 errors; registers 72-255")
     assert "shared memory 256-49152 B" in total
 
+    assert [r.kernel for r in sm90.over_spill(results, 111)] == ["bn_relu_conv._bn_relu_conv_wgrad_kernel"]
+    assert sm90.over_spill(results, 112) == [] and sm90.over_spill(results, None) == []
+
     errors = sm90.error_report(results)
     assert errors.splitlines()[0] == "* _add_relu_fwd_kernel [fp16|x] (1 calls, e.g. fwd a):"
     assert "    CompilationError: K >= 16" in errors
@@ -178,10 +181,15 @@ def test_cover_scope_reaches_every_block_size_of_the_models() -> None:
     from fastblocks.ops import bn_relu_conv as brc
 
     def conv_blocks(cases):
-        p = brc._pow2
-        fwd = {(c.k, c.stride == 1, p(c.co, 16, 128), p(c.c, 16, 64)) for c in cases}
-        wgrad = {(c.k, p(c.co, 16, 64), p(c.c, 16, 64)) for c in cases}
-        prologue = {p(c.c, 1, 64) for c in cases}
+        # The tiles each case's role compiles (16-bit dtypes give the same tiles as fp16).
+        fwd, wgrad = set(), set()
+        for c in cases:
+            for dname in sm90.CONV_DTYPES[c.role]:
+                d = torch.float32 if dname.startswith("fp32") else torch.float16
+                precision = "tf32" if dname == "fp32" else "ieee"
+                fwd.add((c.k, c.stride == 1, d, precision, brc._fwd_tiles(d, c.c, c.co, precision)))
+                wgrad.add((c.k, d, precision, brc._wgrad_tiles(d, c.c, c.co, precision)))
+        prologue = {brc._pow2(c.c, 1, 64) for c in cases}
         return fwd, wgrad, prologue
 
     assert conv_blocks(sm90.conv_cases("cover")) == conv_blocks(sm90.conv_cases("all"))
@@ -189,8 +197,9 @@ def test_cover_scope_reaches_every_block_size_of_the_models() -> None:
     def bn_blocks(cases):
         out = set()
         for b in cases:
-            x = torch.empty((2, b.c) if b.h is None else (2, b.c, 4, 4), device="meta")
-            out |= {bn._blocks(x, cl) for cl in (False, True)}
+            for d in (torch.float32, torch.float64):
+                x = torch.empty((2, b.c) if b.h is None else (2, b.c, 4, 4), dtype=d, device="meta")
+                out |= {bn._blocks(x, cl) for cl in (False, True)}
         return out
 
     assert bn_blocks(sm90.bn_cases("cover")) == bn_blocks(sm90.bn_cases("all"))

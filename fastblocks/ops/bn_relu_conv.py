@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -474,6 +475,50 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+class _Tiles(NamedTuple):
+    """A Triton GEMM's tile sizes and launch options (``m, n, k``: the GEMM's rows, columns and
+    reduction step as each kernel names them)."""
+
+    m: int
+    n: int
+    k: int
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_tiles(dtype: torch.dtype, c: int, co: int, precision: str) -> _Tiles:
+    """Tiles of the forward GEMM (output pixels x output channels, input channels per step).
+
+    Chosen so that no variant spills registers on sm_90 (``make sm90-compile`` prints registers
+    and spills of each): a 64x128 tile runs on 8 warps (with 4, every 3x3 and the fp32 1x1
+    forwards spilled 0.5-2.8 KB per thread); fp32 steps 32 input channels with 2 stages (with
+    64, the 3x3 NCHW forward spilled even on 8 warps), and 16 on 8 warps without tf32 (FMA dots,
+    operands in registers: with 32, up to 116 bytes spilled). Starting points, to be autotuned
+    on the GPU.
+    """
+    n = _pow2(co, 16, 128)
+    if dtype == torch.float32 and precision == "ieee":
+        return _Tiles(64, n, 16, 8, 2)
+    warps = 8 if n == 128 else 4
+    if dtype == torch.float32:
+        return _Tiles(64, n, _pow2(c, 16, 32), warps, 2)
+    return _Tiles(64, n, _pow2(c, 16, 64), warps, 3)
+
+
+def _wgrad_tiles(dtype: torch.dtype, c: int, co: int, precision: str) -> _Tiles:
+    """Tiles of the weight-gradient GEMM (output channels x input channels, pixels per step).
+
+    No spills on sm_90: a tile of 32x64 or more runs on 8 warps (with 4, the NCHW variants
+    spilled 4-148 bytes per thread); fp32 without tf32 (FMA dots, operands in registers) steps 32 pixels with 2 stages
+    (with 64 on 4 warps it spilled 8-12 KB).
+    """
+    m, n = _pow2(co, 16, 64), _pow2(c, 16, 64)
+    warps = 8 if m * n >= 32 * 64 else 4
+    if dtype == torch.float32 and precision == "ieee":
+        return _Tiles(m, n, 32, warps, 2)
+    return _Tiles(m, n, 64, warps, 3)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 dots follow eager's convolution setting (cuDNN uses tf32 by default on Ampere+).
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
@@ -493,9 +538,8 @@ def _fwd_triton(
     ho, wo = conv.out_hw(h, w, kh, kw)
     y = torch.empty((n, co, ho, wo), dtype=x.dtype, device=x.device, memory_format=memory_format(is_channels_last(x)))
     m = n * ho * wo
-    # GPU starting points (tl.dot needs every dim >= 16); to be autotuned on the target GPU.
-    block_m, block_n, block_k = 64, _pow2(co, 16, 128), _pow2(c, 16, 64)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(co, block_n))
+    t = _fwd_tiles(x.dtype, c, co, _input_precision(x.dtype))  # tl.dot needs every dimension >= 16
+    grid = (triton.cdiv(m, t.m), triton.cdiv(co, t.n))
     psum = torch.empty((grid[0] if stats else 0, co), dtype=torch.float32, device=x.device)
     psumsq = torch.empty_like(psum)
     if m and co:
@@ -505,7 +549,7 @@ def _fwd_triton(
             *x.stride(), *weight.stride(), *y.stride(),
             *conv.stride, *conv.padding,
             KH=kh, KW=kw, STATS=stats, INPUT_PRECISION=_input_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
     if not stats:
         return y, _empty0(y, torch.float32), _empty0(y, torch.float32)
@@ -558,20 +602,21 @@ def _wgrad_triton(
     co, _, kh, kw = weight.shape
     ho, wo = grad_y.shape[2:]
     m = n * ho * wo
-    block_co, block_c, block_p = _pow2(co, 16, 64), _pow2(c, 16, 64), 64
-    tiles = triton.cdiv(co, block_co) * triton.cdiv(c, block_c) * kh * kw
+    precision = _input_precision(x.dtype)
+    t = _wgrad_tiles(x.dtype, c, co, precision)
+    tiles = triton.cdiv(co, t.m) * triton.cdiv(c, t.n) * kh * kw
     if split is None:
-        split = _wgrad_split(tiles, triton.cdiv(m, block_p), x.device)
+        split = _wgrad_split(tiles, triton.cdiv(m, t.k), x.device)
     if m == 0:
         return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     pdw = torch.empty((split, co, c, kh, kw), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(co, block_co), triton.cdiv(c, block_c), kh * kw * split)
+    grid = (triton.cdiv(co, t.m), triton.cdiv(c, t.n), kh * kw * split)
     _bn_relu_conv_wgrad_kernel[grid](
         grad_y, x, _vec(scale), _vec(shift), pdw,
         m, c, h, w, co, ho, wo,
         *grad_y.stride(), *x.stride(), *conv.stride, *conv.padding,
-        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x.dtype),
-        BLOCK_CO=block_co, BLOCK_C=block_c, BLOCK_P=block_p,
+        KH=kh, KW=kw, INPUT_PRECISION=precision,
+        BLOCK_CO=t.m, BLOCK_C=t.n, BLOCK_P=t.k, num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return pdw.sum(dim=0).to(weight.dtype)
 
