@@ -237,3 +237,34 @@ def backward_on_forward_backend(fn: Callable) -> Callable:
             return fn(ctx, *grads)
 
     return wrapper
+
+
+# ----------------------------------------------------------------------------- one-call CPU kernels
+@functools.cache
+def _built(names: tuple[str, ...]) -> bool:
+    return all(_ext.has_kernel(name, "CPU") for name in names)
+
+
+# Under torch.compile the answer is a constant of the graph (Dynamo cannot trace the dispatcher query).
+_built_eager = torch.compiler.disable(_built, recursive=True)
+
+
+@torch.compiler.assume_constant_result
+def _built_constant(names: tuple[str, ...]) -> bool:
+    return _built_eager(names)
+
+
+def cpu_kernels(op: str, device: torch.device, *names: str, under_compile: bool = False) -> bool:
+    """Whether ``op`` runs the CPU-only kernels ``names`` of ``fastblocks._C`` (one-call paths
+    beyond the backend's kernel table, e.g. ``bn_fused_fwd``) for tensors on ``device`` now.
+
+    True for a CPU device when ``op`` resolves to the ``cpu`` backend and the extension has every
+    kernel in ``names`` (a stale build may not). Under torch.compile: False, unless
+    ``under_compile`` (the kernels have fake kernels and the op wants them in the graph); then
+    the answer is a constant of the graph.
+    """
+    if device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return under_compile and resolve(op, device) == "cpu" and _built_constant(names)
+    return resolve(op, device) == "cpu" and _built(names)

@@ -390,8 +390,8 @@ def test_cli_bench_check_runs_the_accuracy_harness_first(tmp_path, capsys, monke
     # A wrong dx coefficient: the check fails and nothing is measured.
     from fastblocks.ops import batchnorm as bn_ops
 
-    real = bn_ops._dx_coefficients
-    monkeypatch.setattr(bn_ops, "_dx_coefficients", lambda *a, **k: tuple(v * 1.01 for v in real(*a, **k)))
+    real = bn_ops.dx_coefficients
+    monkeypatch.setattr(bn_ops, "dx_coefficients", lambda *a, **k: tuple(v * 1.01 for v in real(*a, **k)))
     out_dir = tmp_path / "second"
     assert cli.main([*base[:-1], str(out_dir)]) == 1
     assert "accuracy check FAILED" in capsys.readouterr().err and not out_dir.exists()

@@ -74,7 +74,7 @@ def _variant(block: int = 64, attrs: dict | None = None, num_warps: int = 4):
         attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3)}  # HW is not a multiple of 16
     options = {"num_warps": num_warps, "num_stages": 3, "debug": False}
     return sm90.make_variant(
-        "batchnorm._bn_apply_kernel", names, ["RELU", "COMPUTE", "BLOCK_C"], signature, constexprs, attrs, options
+        "_bn_triton._bn_apply_kernel", names, ["RELU", "COMPUTE", "BLOCK_C"], signature, constexprs, attrs, options
     )
 
 
@@ -177,7 +177,7 @@ def test_cover_scope_reaches_every_block_size_of_the_models() -> None:
     pytest.importorskip("triton", reason="the launchers' block-size helpers use triton.next_power_of_2")
     import torch
 
-    from fastblocks.ops import batchnorm as bn
+    from fastblocks.ops import _bn_triton as bn
     from fastblocks.ops import bn_relu_conv as brc
 
     def conv_blocks(cases):

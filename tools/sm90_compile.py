@@ -40,7 +40,7 @@ Method.
    ``--max-spill BYTES`` (``make sm90-compile``: 8) on a variant that spills more.
 
 Spills. The launchers' tiles (``bn_relu_conv._fwd_tiles``, ``_wgrad_tiles``,
-``batchnorm._blocks``) were chosen with this tool so that no convolution variant spills under
+``_bn_triton._blocks``) were chosen with this tool so that no convolution variant spills under
 register pressure: before, 33 variants spilled, up to 2.8 KB per thread (fp32 3x3 forward on
 4 warps) and 12 KB (fp32 wgrad without tf32), and compiling them took 5 times as long. What
 is left, on 2026-12-04 with Triton 3.6.0, is 4 to 8 bytes of stack in a few variants that use
@@ -633,7 +633,7 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
 
     # By module path: the package ``fastblocks.ops`` exports a function named ``add_relu``.
     ar = importlib.import_module("fastblocks.ops.add_relu")
-    bn = importlib.import_module("fastblocks.ops.batchnorm")
+    bn = importlib.import_module("fastblocks.ops._bn_triton")
     brc = importlib.import_module("fastblocks.ops.bn_relu_conv")
 
     def empty(shape: Sequence[int], dtype: Any, cl: bool) -> torch.Tensor:
@@ -647,7 +647,7 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
                 for layout in LAYOUTS:
                     cl = layout == "channels_last"
                     tag = f"{cv.model} {cv.c}->{cv.co} {cv.k}x{cv.k}/s{cv.stride} @{cv.h} {dname} {layout}"
-                    conv = brc._make_conv(cv.stride, cv.k // 2, 1, 1)
+                    conv = brc.make_conv(cv.stride, cv.k // 2, 1, 1)
                     x = empty((BATCH, cv.c, cv.h, cv.h), dtype, cl)
                     w = empty((cv.co, cv.c, cv.k, cv.k), dtype, cl)  # as model.to(memory_format=...) leaves them
                     scale, shift = torch.empty(cv.c), torch.empty(cv.c)
@@ -673,13 +673,13 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
                     tag = f"{case.model} {list(shape)} {dname} {layout}"
                     x, g, r = (empty(shape, dtype, cl) for _ in range(3))
                     v = torch.empty(case.c, dtype=cd)
-                    rec.call(f"stats {tag}", bn._stats_triton, x, cl)
+                    rec.call(f"stats {tag}", bn.stats_triton, x, cl)
                     for res in (None, r):
                         for relu in (False, True):
                             flags = f"res={res is not None} relu={relu} {tag}"
-                            rec.call(f"apply {flags}", bn._apply_triton, x, v, v, res, relu, cl)
-                            rec.call(f"bwd_reduce {flags}", bn._bwd_reduce_triton, g, x, v, v, v, res, relu, cl)
-                            rec.call(f"bwd_apply {flags}", bn._bwd_apply_triton, g, x, v, v, res, v, v, v, relu, cl)
+                            rec.call(f"apply {flags}", bn.apply_triton, x, v, v, res, relu, cl)
+                            rec.call(f"bwd_reduce {flags}", bn.bwd_reduce_triton, g, x, v, v, v, res, relu, cl)
+                            rec.call(f"bwd_apply {flags}", bn.bwd_apply_triton, g, x, v, v, res, v, v, v, relu, cl)
 
     if select("add_relu"):
         for shape in ((BATCH, 256, 56, 56), (3, 5, 7, 9)):  # n a multiple of 16, and not

@@ -53,13 +53,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fastblocks.nn.batchnorm import BatchNorm2d as _FusedBatchNorm2d
-from fastblocks.ops.dense_block import (
-    BatchNormParams,
-    DenseLayerParams,
-    dense_block,
-    dense_transition,
-    stem_conv_bn_relu_pool,
-)
+from fastblocks.ops._bn_core import BatchNormParams
+from fastblocks.ops.dense_block import DenseLayerParams, dense_block
+from fastblocks.ops.stem import stem_conv_bn_relu_pool
+from fastblocks.ops.transition import dense_transition
 
 __all__ = [
     "DenseNet",

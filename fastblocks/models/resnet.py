@@ -87,7 +87,7 @@ from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.batchnorm import BatchNormReLU2d, BNAddReLU
 from fastblocks.nn.conv import bn_relu_conv_bn_add_relu
 from fastblocks.nn.fold import FoldedConv2d, FrozenBatchNorm2d, bn_scale_shift, fold_modules_, has_running_stats
-from fastblocks.ops.dense_block import BatchNormParams, stem_conv_bn_relu_pool
+from fastblocks.ops import BatchNormParams, stem_conv_bn_relu_pool
 
 __all__ = [
     "BasicBlock",

@@ -17,13 +17,8 @@ from torch import nn
 
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.fold import FoldedConv2d
-from fastblocks.ops.batchnorm import (
-    _momentum_factor,
-    batch_norm_act,
-    bn_stats,
-    sync_batch_norm_act,
-    update_running_stats,
-)
+from fastblocks.ops._bn_core import momentum_factor, update_running_stats
+from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv_with_batch_norm, cpu_whole_layer_available
 from fastblocks.ops.bn_relu_conv_bn_add_relu import bn_relu_conv_bn_add_relu2d
 
@@ -171,7 +166,7 @@ def _bn_relu_conv_whole(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dt
         rm, rv = (bn.running_mean, bn.running_var) if update else (None, None)
     else:
         rm, rv = bn.running_mean, bn.running_var
-    factor = _momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
+    factor = momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
     return bn_relu_conv_with_batch_norm(
         x, bn.weight, bn.bias, rm, rv, conv.weight.to(dtype), training=use_batch, factor=factor, eps=bn.eps,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,

@@ -1,8 +1,22 @@
-"""Input checks and layout helpers shared by the ops in this package."""
+"""Helpers shared by the ops in this package: input checks, layouts, dtypes, autocast, and the
+fake kernels' output rules.
+
+Fake (meta) kernels of the compiled ``fastblocks::`` schemas live beside the op that calls them;
+they give FakeTensor, torch.compile and ``torch.library.opcheck`` the outputs' shape, dtype and
+strides without running anything, and must agree with the real kernels on all three:
+per-channel outputs are 1-D ``[C]`` float32 (float64 for float64 x), contiguous
+(:func:`fake_channel_vectors`); x-sized outputs have x's shape and dtype, channels_last when the
+kernel's ``channels_last`` argument is true, else contiguous (:func:`fake_like`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+
 import torch
+
+from fastblocks import _ext
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -78,3 +92,92 @@ def eager_path(x: torch.Tensor) -> bool:
         and not torch._C._is_torch_function_mode_enabled()
         and not torch._C._are_functorch_transforms_active()
     )
+
+
+# ----------------------------------------------------------------------------- dtypes
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-channel statistics and of kernel arithmetic: float64 for float64 data,
+    else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_vector(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[C]`` vector as the kernels read it: ``dtype``, contiguous."""
+    return v.to(dtype).contiguous()
+
+
+def combine_partials(cnt: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan et al.'s combination of per-part ``(count, mean, M2)`` rows ``[P, C]`` -> (mean, biased var) ``[C]``.
+
+    Exact and stable (Chan, Golub & LeVeque 1979), unlike summing Σx and Σx²; used for the
+    Triton statistics' per-program partials and for the per-rank statistics of synchronized BN.
+    """
+    total = cnt.sum(0)
+    safe = total.clamp_min(1)
+    g_mean = (cnt * mean).sum(0) / safe
+    m2_total = m2.sum(0) + (cnt * (mean - g_mean) ** 2).sum(0)
+    return g_mean, m2_total / safe
+
+
+# ----------------------------------------------------------------------------- autocast
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device."""
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype for x's device when autocast is on (and x is not float64), else x's dtype."""
+    if autocasting(x) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def cast_weight(w: torch.Tensor, x: torch.Tensor, cd: torch.dtype, name: str) -> torch.Tensor:
+    """The conv weight ``w`` in the compute dtype ``cd``: cast under autocast, else it must match
+    x's dtype (as ``F.conv2d`` requires); the error names ``name``."""
+    if w.dtype == cd:
+        return w
+    if not autocasting(x):
+        raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype} (outside autocast they must match)")
+    return w.to(cd)
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off for ``device_type`` (a no-op when it is off already)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def needs_graph(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv_backward(
+    grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, padding: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight) of ``F.conv2d(inp, weight, padding=padding)`` (stride 1):
+    ``[N, C_out, H, W]`` -> ``([N, C_in, H, W], [C_out, C_in, kH, kW])``."""
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    return gi, gw
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def schemas_defined(*names: str) -> bool:
+    """Whether the loaded extension defines the ``fastblocks::`` schemas ``names`` (a stale build
+    may not): fake kernels are registered only then, so ``import fastblocks`` never fails."""
+    return _ext.loaded() and all(hasattr(torch.ops.fastblocks, s) for s in names)
+
+
+def fake_channel_vectors(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``k`` per-channel outputs of a compiled kernel: ``[C]`` in :func:`acc_dtype`, contiguous."""
+    return tuple(x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype)) for _ in range(k))
+
+
+def fake_like(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An x-sized output of a compiled kernel: x's shape and dtype, channels_last when
+    ``channels_last`` is true, else contiguous (as the C++ ``at::empty_like`` with that format)."""
+    return torch.empty_like(x, memory_format=memory_format(channels_last))

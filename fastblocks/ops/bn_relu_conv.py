@@ -66,7 +66,8 @@ import torch
 import torch.nn.functional as F
 
 from fastblocks import _backend
-from fastblocks.ops._common import check_tensor, eager_path, is_channels_last, memory_format
+from fastblocks.ops._bn_core import COMPILED_KERNELS, Kernels
+from fastblocks.ops._common import acc_dtype, check_tensor, eager_path, is_channels_last, memory_format
 from fastblocks.ops._triton import tl, triton
 
 SPEC = _backend.register_op(
@@ -78,10 +79,6 @@ SPEC = _backend.register_op(
         cpu_order=("cpu", "reference"),
     )
 )
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
@@ -105,14 +102,14 @@ def bn_relu_conv2d_reference(
     x's dtype, and the convolution runs in x's dtype, as an eager fp16/bf16 model does.
     Plain autograd through this function is what the fused op is tested against.
     """
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     z = x.to(cd) * _per_channel(scale.to(cd)) + _per_channel(shift.to(cd))
     return F.conv2d(torch.relu(z).to(x.dtype), weight, None, stride, padding, dilation, groups)
 
 
 # ----------------------------------------------------------------------------- geometry
 @dataclass(frozen=True)
-class _Conv:
+class Conv:
     """Convolution hyper-parameters, normalized to pairs."""
 
     stride: tuple[int, int]
@@ -140,15 +137,15 @@ def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
     return int(items[0]), int(items[1])
 
 
-def _make_conv(stride: object, padding: object, dilation: object, groups: object) -> _Conv:
+def make_conv(stride: object, padding: object, dilation: object, groups: object) -> Conv:
     if not isinstance(groups, int) or isinstance(groups, bool):
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
-    return _Conv(_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), groups)
+    return Conv(_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), groups)
 
 
-def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` with exactly the strides ``torch.empty(..., memory_format=...)`` gives (as the fake)."""
     fmt = memory_format(channels_last)
     want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
@@ -170,7 +167,7 @@ def _reduce(t: torch.Tensor) -> torch.Tensor:
 # The reference backend (and the triton backend's fallback) with the fused op's memory
 # contract: the activation lives only inside one forward or one backward call.
 def _activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     return torch.relu(x.to(cd) * _per_channel(scale.to(cd)) + _per_channel(shift.to(cd))).to(x.dtype)
 
 
@@ -179,15 +176,15 @@ def _fwd_reference(
     scale: torch.Tensor,
     shift: torch.Tensor,
     weight: torch.Tensor,
-    conv: _Conv,
+    conv: Conv,
     stats: bool,
     activation: Callable = _activation,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = activation(x, scale, shift)
     y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     del a
-    y = _layout(y, is_channels_last(x))
-    cd = _compute_dtype(x.dtype)
+    y = to_layout(y, is_channels_last(x))
+    cd = acc_dtype(x.dtype)
     if not stats:
         return y, _empty0(y, cd), _empty0(y, cd)
     y_cd = y.to(cd)
@@ -200,7 +197,7 @@ def _bwd_reference(
     scale: torch.Tensor,
     shift: torch.Tensor,
     weight: torch.Tensor,
-    conv: _Conv,
+    conv: Conv,
     need_input: bool,
     need_weight: bool,
     activation: Callable = _activation,
@@ -212,7 +209,7 @@ def _bwd_reference(
         [need_input, need_weight, False],
     )  # fmt: skip
     del a
-    dweight = _layout(dweight, False) if need_weight else _empty0(weight)
+    dweight = to_layout(dweight, False) if need_weight else _empty0(weight)
     if not need_input:
         return _empty0(x), _empty0(scale), _empty0(shift), dweight
     dx, dscale, dshift = (prologue_bwd or _prologue_bwd_reference)(grad_a, x, scale, shift)
@@ -222,11 +219,11 @@ def _bwd_reference(
 def _prologue_bwd_reference(
     grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     z = x.to(cd) * _per_channel(scale.to(cd)) + _per_channel(shift.to(cd))
     grad_z = torch.where(z <= 0, torch.zeros((), dtype=cd, device=x.device), grad_a.to(cd))
     del z
-    dx = _layout((grad_z * _per_channel(scale.to(cd))).to(x.dtype), is_channels_last(x))
+    dx = to_layout((grad_z * _per_channel(scale.to(cd))).to(x.dtype), is_channels_last(x))
     return dx, _reduce(grad_z * x.to(cd)).to(scale.dtype), _reduce(grad_z).to(shift.dtype)
 
 
@@ -235,10 +232,8 @@ def _prologue_bwd_reference(
 # BatchNorm family's compiled kernels for the prologue (one pass to materialize the activation,
 # one reduction + one elementwise pass for its backward) and PyTorch's convolution (oneDNN on
 # the CPU, cuDNN on GPUs) for the GEMMs.
-def _compiled_kernels():
-    from fastblocks.ops.batchnorm import _COMPILED_KERNELS
-
-    return _COMPILED_KERNELS
+def _compiled_kernels() -> Kernels:
+    return COMPILED_KERNELS
 
 
 def _compiled_activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -251,11 +246,11 @@ def _prologue_bwd_compiled(
     # g_z = g_a masked by the ReLU; dscale = Σ g_z x (bwd_reduce with mean 0), dshift = Σ g_z.
     k = _compiled_kernels()
     cl = is_channels_last(x)
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     zero = torch.zeros(x.shape[1], dtype=cd, device=x.device)
     sum_g, sum_gx = k.bwd_reduce(grad_a, x, zero, scale, shift, None, True, cl)
     dx = k.bwd_apply(grad_a, x, scale, shift, None, scale.to(cd), zero, zero, True, cl)
-    return _layout(dx, cl), sum_gx.to(scale.dtype), sum_g.to(shift.dtype)
+    return to_layout(dx, cl), sum_gx.to(scale.dtype), sum_g.to(shift.dtype)
 
 
 _fwd_compiled = functools.partial(_fwd_reference, activation=_compiled_activation)
@@ -457,7 +452,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_KERNELS = ((1, 1), (3, 3))
 
 
-def _triton_covers(x: torch.Tensor, weight: torch.Tensor, conv: _Conv) -> bool:
+def _triton_covers(x: torch.Tensor, weight: torch.Tensor, conv: Conv) -> bool:
     """Whether the Triton kernels handle this call (else the triton backend runs the reference path).
 
     fp64 is not a Triton target (GPU fp64 dots are slow and the models train in fp32/fp16/bf16);
@@ -529,7 +524,7 @@ def _vec(v: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_triton(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: _Conv, stats: bool
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, conv: Conv, stats: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not _triton_covers(x, weight, conv):
         return _fwd_reference(x, scale, shift, weight, conv, stats)
@@ -594,7 +589,7 @@ def _wgrad_triton(
     scale: torch.Tensor,
     shift: torch.Tensor,
     weight: torch.Tensor,
-    conv: _Conv,
+    conv: Conv,
     split: int | None = None,
 ) -> torch.Tensor:
     """dL/dW as a Triton GEMM ``grad_y^T x relu(x*scale + shift)`` (split-K partials summed by torch)."""
@@ -636,7 +631,7 @@ def _bwd_triton(
     scale: torch.Tensor,
     shift: torch.Tensor,
     weight: torch.Tensor,
-    conv: _Conv,
+    conv: Conv,
     need_input: bool,
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -660,7 +655,9 @@ _BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cpu": _bwd_compiled
 
 
 # ----------------------------------------------------------------------------- registration
-def _check(x: object, scale: object, shift: object, weight: object, conv: _Conv, *, vectors: bool = True) -> None:
+def check_conv_inputs(
+    x: object, scale: object, shift: object, weight: object, conv: Conv, *, vectors: bool = True
+) -> None:
     """Raise naming the argument on a bad call (``vectors=False``: scale and shift not checked)."""
     check_tensor(x, "x", dim=4)
     check_tensor(weight, "weight", dim=4)
@@ -693,7 +690,7 @@ def _check(x: object, scale: object, shift: object, weight: object, conv: _Conv,
         )
 
 
-def _out_shape(x: torch.Tensor, weight: torch.Tensor, conv: _Conv) -> tuple[int, int, int, int]:
+def _out_shape(x: torch.Tensor, weight: torch.Tensor, conv: Conv) -> tuple[int, int, int, int]:
     ho, wo = conv.out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
     return x.shape[0], weight.shape[0], ho, wo
 
@@ -711,19 +708,19 @@ def _bn_relu_conv2d_op(
     stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Registered op: ``(y, Σy, Σy²)``; the sums are ``[C_out]`` when ``stats`` else empty."""
-    conv = _make_conv(stride, padding, dilation, groups)
-    _check(x, scale, shift, weight, conv)
+    conv = make_conv(stride, padding, dilation, groups)
+    check_conv_inputs(x, scale, shift, weight, conv)
     backend = _backend.resolve("bn_relu_conv2d", x.device)
     return _FWD[backend](x, scale, shift, weight, conv, stats)
 
 
 @_bn_relu_conv2d_op.register_fake
 def _(x, scale, shift, weight, stride, padding, dilation, groups, stats):
-    conv = _make_conv(stride, padding, dilation, groups)
-    _check(x, scale, shift, weight, conv)
+    conv = make_conv(stride, padding, dilation, groups)
+    check_conv_inputs(x, scale, shift, weight, conv)
     fmt = memory_format(is_channels_last(x))
     y = torch.empty(_out_shape(x, weight, conv), dtype=x.dtype, device=x.device, memory_format=fmt)
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     k = weight.shape[0] if stats else 0
     return y, x.new_empty((k,), dtype=cd), x.new_empty((k,), dtype=cd)
 
@@ -743,7 +740,7 @@ def _bn_relu_conv2d_backward_op(
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Registered op: ``(dx, dscale, dshift, dweight)``; outputs not asked for are empty."""
-    conv = _make_conv(stride, padding, dilation, groups)
+    conv = make_conv(stride, padding, dilation, groups)
     backend = _backend.resolve("bn_relu_conv2d", x.device)
     return _BWD[backend](grad_y, x, scale, shift, weight, conv, need_input, need_weight)
 
@@ -776,7 +773,7 @@ def _stats_grad_into_y(
     """dL/dy including the paths through ``Σy`` (d/dy = 1) and ``Σy²`` (d/dy = 2y)."""
     if y is None or (grad_sum is None and grad_sumsq is None):
         return grad_y
-    cd = _compute_dtype(y.dtype)
+    cd = acc_dtype(y.dtype)
     g = torch.zeros((), dtype=cd, device=y.device) if grad_y is None else grad_y.to(cd)
     if grad_sum is not None:
         g = g + _per_channel(grad_sum.to(cd))
@@ -793,7 +790,7 @@ def _backward_inputs(ctx, grad_y, grad_sum, grad_sumsq):
     need = ctx.needs_input_grad
     if g is None or not any(need[:4]):
         return None
-    return g.expand(_out_shape(x, weight, _make_conv(*ctx.conv))), x, scale, shift, weight, need
+    return g.expand(_out_shape(x, weight, make_conv(*ctx.conv))), x, scale, shift, weight, need
 
 
 def _picked(grads: tuple, need: tuple) -> tuple:
@@ -822,7 +819,7 @@ class _BNReLUConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, weight, stride, padding, dilation, groups, stats):
-        conv = _make_conv(stride, padding, dilation, groups)
+        conv = make_conv(stride, padding, dilation, groups)
         out = _FWD[_backend.resolve("bn_relu_conv2d", x.device)](x, scale, shift, weight, conv, stats)
         _setup_context(ctx, (x, scale, shift, weight, stride, padding, dilation, groups, stats), out)
         if not stats:
@@ -838,7 +835,7 @@ class _BNReLUConv2dFunction(torch.autograd.Function):
             return (None,) * 9
         g, x, scale, shift, weight, need = prep
         bwd = _BWD[_backend.resolve("bn_relu_conv2d", x.device)]
-        return _picked(bwd(g, x, scale, shift, weight, _make_conv(*ctx.conv), any(need[:3]), need[3]), need)
+        return _picked(bwd(g, x, scale, shift, weight, make_conv(*ctx.conv), any(need[:3]), need[3]), need)
 
 
 # ----------------------------------------------------------------------------- whole layer, CPU
@@ -865,7 +862,7 @@ class _BNReLUConvCPUFunction(torch.autograd.Function):
         del a
         ctx.training, ctx.eps, ctx.conv, ctx.channels_last = training, eps, conv, cl
         ctx.save_for_backward(x, gamma, beta, mean, var, weight)
-        return _layout(y, cl)
+        return to_layout(y, cl)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -896,15 +893,11 @@ class _BNReLUConvCPUFunction(torch.autograd.Function):
 def cpu_whole_layer_available(x: torch.Tensor) -> bool:
     """Whether :func:`bn_relu_conv_with_batch_norm` can run ``x``: a plain eager CPU call with the
     compiled CPU backend for both the BatchNorm and bn_relu_conv2d and its one-call kernels built."""
-    from fastblocks.ops.batchnorm import _whole_cpu_kernels
-
     return (
-        x.device.type == "cpu"
-        and x.numel() > 0
+        x.numel() > 0
         and eager_path(x)
         and _backend.resolve("bn_relu_conv2d", x.device) == "cpu"
-        and _backend.resolve("batch_norm_act", x.device) == "cpu"
-        and _whole_cpu_kernels()
+        and _backend.cpu_kernels("batch_norm_act", x.device, "bn_fused_fwd", "bn_fused_bwd")
     )
 
 
@@ -936,8 +929,8 @@ def bn_relu_conv_with_batch_norm(
     Returns:
         ``[N, C_out, H_out, W_out]`` (channels_last when x is).
     """
-    conv = _make_conv(stride, padding, dilation, groups)
-    _check(x, None, None, weight, conv, vectors=False)
+    conv = make_conv(stride, padding, dilation, groups)
+    check_conv_inputs(x, None, None, weight, conv, vectors=False)
     return _BNReLUConvCPUFunction.apply(
         x, gamma, beta, (running_mean, running_var), training, factor, eps, weight, conv
     )
@@ -983,8 +976,8 @@ def bn_relu_conv2d(
         TypeError / ValueError: naming the argument, on a non-tensor, a wrong dtype or rank,
             a channel or device mismatch, or a bad stride/padding/dilation/groups.
     """
-    conv = _make_conv(stride, padding, dilation, groups)
-    _check(x, scale, shift, weight, conv)
+    conv = make_conv(stride, padding, dilation, groups)
+    check_conv_inputs(x, scale, shift, weight, conv)
     if not isinstance(stats, bool):
         raise TypeError(f"stats must be a bool, got {stats!r}")
     op = _BNReLUConv2dFunction.apply if eager_path(x) else _bn_relu_conv2d_op

@@ -41,23 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from fastblocks import _backend
-from fastblocks.ops._common import check_like, check_tensor, is_channels_last
-from fastblocks.ops.batchnorm import (
-    _dx_coefficients,
-    _scale_shift,
-    batch_norm_act,
-    batch_norm_act_reference,
-    kernels_for,
-    update_running_stats,
-)
+from fastblocks.ops._bn_core import dx_coefficients, kernels_for, scale_shift, update_running_stats
+from fastblocks.ops._common import acc_dtype, check_like, check_tensor, is_channels_last
+from fastblocks.ops.batchnorm import batch_norm_act, batch_norm_act_reference
 from fastblocks.ops.bn_relu_conv import (
-    _check,
-    _compute_dtype,
-    _Conv,
-    _layout,
-    _make_conv,
+    Conv,
     bn_relu_conv2d,
     bn_relu_conv2d_reference,
+    check_conv_inputs,
+    make_conv,
+    to_layout,
 )
 
 
@@ -95,11 +88,11 @@ def _activation(k, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return k.apply(x, scale, shift, None, True, is_channels_last(x))
 
 
-def _conv(a: torch.Tensor, weight: torch.Tensor, conv: _Conv) -> torch.Tensor:
+def _conv(a: torch.Tensor, weight: torch.Tensor, conv: Conv) -> torch.Tensor:
     # In x's dtype whatever autocast says: the backward's recomputation must see the same values.
     with torch.autocast(a.device.type, enabled=False):
         c = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _layout(c, is_channels_last(a))
+    return to_layout(c, is_channels_last(a))
 
 
 class _TailFunction(torch.autograd.Function):
@@ -111,12 +104,12 @@ class _TailFunction(torch.autograd.Function):
         k = kernels_for("batch_norm_act", x.device)
         c = _conv(_activation(k, x, scale, shift), weight, conv)  # a is freed here
         cl = is_channels_last(c)
-        cd = _compute_dtype(c.dtype)
+        cd = acc_dtype(c.dtype)
         if training:
             mean, var = k.stats(c, cl)
         else:
             mean, var = running_mean.to(cd).clone(), running_var.to(cd).clone()
-        s3, t3, _ = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+        s3, t3, _ = scale_shift(mean, var, bn_weight, bn_bias, eps)
         y = k.apply(c, s3, t3, identity, True, cl)
         _backend.remember(ctx)
         ctx.cfg = cfg
@@ -133,15 +126,15 @@ class _TailFunction(torch.autograd.Function):
         conv, training, eps = ctx.cfg
         need = ctx.needs_input_grad
         k = kernels_for("batch_norm_act", x.device)
-        cd = _compute_dtype(x.dtype)
+        cd = acc_dtype(x.dtype)
         a = _activation(k, x, scale, shift)
         c = _conv(a, weight, conv)
         cl_c = is_channels_last(c)
         # g' = grad_y where the final ReLU passed; it is also the identity's gradient.
         g = torch.ops.aten.threshold_backward(grad_y, y, 0)  # eager ReLU's backward: 0 where y <= 0
-        s3, t3, invstd = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+        s3, t3, invstd = scale_shift(mean, var, bn_weight, bn_bias, eps)
         sum_g, sum_gc = k.bwd_reduce(g, c, mean, s3, t3, None, False, cl_c)
-        a3, b3, k3 = _dx_coefficients(bn_weight, mean, invstd, sum_g, sum_gc, c.numel() // c.shape[1], training)
+        a3, b3, k3 = dx_coefficients(bn_weight, mean, invstd, sum_g, sum_gc, c.numel() // c.shape[1], training)
         dc = k.bwd_apply(g, c, s3, t3, None, a3, b3, k3, False, cl_c)
         del c
         dbn_weight = (sum_gc * invstd).to(bn_weight.dtype) if ctx.has_bn_weight and need[5] else None
@@ -158,7 +151,7 @@ class _TailFunction(torch.autograd.Function):
             cl_x = is_channels_last(x)
             zero = torch.zeros(x.shape[1], dtype=cd, device=x.device)
             sum_gz, sum_gzx = k.bwd_reduce(da, x, zero, scale, shift, None, True, cl_x)
-            dx = _layout(k.bwd_apply(da, x, scale, shift, None, scale.to(cd), zero, zero, True, cl_x), cl_x)
+            dx = to_layout(k.bwd_apply(da, x, scale, shift, None, scale.to(cd), zero, zero, True, cl_x), cl_x)
             dscale, dshift = sum_gzx.to(scale.dtype), sum_gz.to(shift.dtype)
         return (
             dx if need[0] else None,
@@ -249,8 +242,8 @@ def bn_relu_conv_bn_add_relu2d(
         ``[N, C_out, H_out, W_out]`` in x's dtype, channels_last when x is; differentiable
         w.r.t. x, scale, shift, weight, identity, bn_weight and bn_bias.
     """
-    conv = _make_conv(stride, padding, dilation, groups)
-    _check(x, scale, shift, weight, conv)
+    conv = make_conv(stride, padding, dilation, groups)
+    check_conv_inputs(x, scale, shift, weight, conv)
     check_tensor(identity, "identity", dim=4)
     check_like(identity, "identity", x, "x", shape=False)
     ho, wo = conv.out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])

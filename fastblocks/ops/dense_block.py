@@ -1,4 +1,4 @@
-"""Memory-efficient DenseNet dense block (one autograd node) and transition.
+"""Memory-efficient DenseNet dense block: the whole block as one autograd node.
 
 What is fused. A DenseNet layer computes ``conv3x3(relu(bn2(conv1x1(relu(bn1(cat(features)))))))``
 (Huang et al. 2017, "Densely Connected Convolutional Networks", BC variant). Eager PyTorch
@@ -102,23 +102,12 @@ design is unchanged; only the sums cross ranks:
 Without a group, with a group of one rank, without ``torch.distributed`` or in eval: no
 collective, the single-process code as it was.
 
-torch.compile. The block, the transition and the stem are ``torch.autograd.Function``s built
+torch.compile. The block (like the transition and the stem) is ``torch.autograd.Function``s built
 from traceable pieces: Dynamo traces their forward and backward (``backend="aot_eager"`` runs
 a whole DenseNet with ``fullgraph=True``). The backend choice is read once at trace time (a
 constant of the graph: changing ``fastblocks.set_backend`` afterwards needs a recompile). With
 ``drop_rate > 0`` the generator-state calls (``torch.get_rng_state``) are not traceable: the
 graph breaks at each block, which then runs eagerly; results are unchanged.
-
-Transition (``dense_transition``): BN-ReLU-conv1x1-avgpool(2) as one autograd node that saves
-only its input (the block buffer, already saved by the block) and the statistics. It pools
-*before* the 1x1 conv: both are linear and the conv acts per pixel, so
-``pool(conv1x1(a)) == conv1x1(pool(a))``; pooling first runs the conv on a quarter of the
-pixels (4x fewer MACs forward and backward). Results differ from torchvision's order by
-rounding only. On the compiled CPU backend (eager calls) BN-ReLU-avgpool is one kernel each way
-(``fastblocks::transition_pool_fwd``: one read of x, the pooled quarter written;
-``transition_pool_bwd``: the sums, then dx, reading the pool's gradient at its own size) instead
-of writing the BN-ReLU output and the pool's full-size gradient (PyTorch's CPU ``avg_pool2d`` and
-its backward on an NCHW tensor are also far from copy bandwidth).
 
 On the compiled CPU backend (eager calls) each layer's backward is one C++ call,
 ``fastblocks::dense_layer_bwd_`` (the fold of its output chunk, the recomputation, both BN-ReLU
@@ -143,85 +132,44 @@ untested (tests/models/test_densenet_ddp.py runs it eagerly).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
-from fastblocks import _backend, _ext
-from fastblocks.ops._common import check_tensor, is_channels_last, memory_format
-from fastblocks.ops.batchnorm import (
-    _BY_BACKEND,
-    _combine_partials,
-    _compute_dtype,
-    _scale_shift,
+from fastblocks import _backend
+from fastblocks.ops._bn_core import (
+    COMPILED,
+    BatchNormParams,
+    all_reduce_pair,
+    check_train_batch,
+    dx_coefficients,
+    global_stats,
+    kernels_for,
+    scale_shift,
+    sync_group,
+    unbiased_correction,
     update_running_stats,
 )
+from fastblocks.ops._common import (
+    acc_dtype,
+    cast_weight,
+    check_tensor,
+    compute_dtype_of,
+    conv_backward,
+    fake_channel_vectors,
+    is_channels_last,
+    memory_format,
+    needs_graph,
+    no_autocast,
+    schemas_defined,
+)
 
-_COMPILED = ("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply")
-for _name in ("dense_block", "dense_transition"):
-    _backend.register_op(_backend.OpSpec(name=_name, triton=True, compiled=_COMPILED))
-
-
-def kernels_for(op: str, device: torch.device):
-    """The kernel table (``stats/apply/bwd_reduce/bwd_apply``) of the backend running ``op`` here."""
-    return _BY_BACKEND[_backend.resolve(op, device.type)]
+_backend.register_op(_backend.OpSpec(name="dense_block", triton=True, compiled=COMPILED))
 
 
 # ----------------------------------------------------------------------------- parameters
-@dataclass(frozen=True)
-class BatchNormParams:
-    """The tensors and settings of one BatchNorm2d (what ``F.batch_norm`` takes).
-
-    Attributes:
-        weight, bias: ``[C]`` affine parameters, or ``None`` (``affine=False``).
-        running_mean, running_var: ``[C]`` buffers, or ``None`` (``track_running_stats=False``).
-        num_batches_tracked: scalar buffer incremented once per training forward, or ``None``.
-        momentum: as ``nn.BatchNorm2d`` (``None``: cumulative average).
-        eps: added to the variance.
-        process_group: a ``torch.distributed`` group: in training, when ``torch.distributed`` is
-            initialized and the group has more than one rank, batch statistics are those of the
-            batch of every rank of the group (synchronized BatchNorm); ``None``: this process's.
-    """
-
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    running_mean: torch.Tensor | None = None
-    running_var: torch.Tensor | None = None
-    num_batches_tracked: torch.Tensor | None = None
-    momentum: float | None = 0.1
-    eps: float = 1e-5
-    process_group: object | None = None
-
-    @classmethod
-    def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> BatchNormParams:
-        """The parameters and buffers of ``bn`` (shared, not copied) and its ``process_group``.
-
-        ``process_group`` is set by :func:`fastblocks.nn.convert_sync_batchnorm` on fastblocks
-        ``BatchNorm2d`` (``None`` there means local statistics). For ``nn.SyncBatchNorm``,
-        ``None`` means the default group, as in its own forward.
-        """
-        # A plain attribute: read from __dict__, as getattr of a missing one goes through
-        # nn.Module.__getattr__'s exception (6 us per BN, 1 ms per DenseNet-201 forward).
-        group = vars(bn).get("process_group")
-        if group is None and isinstance(bn, torch.nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD
-        return cls(
-            bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps, group
-        )
-
-    @property
-    def num_features(self) -> int | None:
-        for t in (self.weight, self.bias, self.running_mean, self.running_var):
-            if t is not None:
-                return t.numel()
-        return None
-
-
 @dataclass(frozen=True)
 class DenseLayerParams:
     """One DenseNet-BC layer: ``conv2(relu(norm2(conv1(relu(norm1(prefix))))))``.
@@ -282,7 +230,7 @@ def dense_block_reference(
     for p in layers:
         h = torch.cat(features, 1)
         for bn, weight, padding in ((p.norm1, p.conv1_weight, 0), (p.norm2, p.conv2_weight, 1)):
-            factor = _momentum_factor(bn, training)
+            factor = bn.step(training)
             h = F.batch_norm(
                 h, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                 training or bn.running_mean is None, factor, bn.eps,
@@ -292,14 +240,6 @@ def dense_block_reference(
             h = F.dropout(h, p=drop_rate, training=training)
         features.append(h)
     return torch.cat(features, 1)
-
-
-def _momentum_factor(bn: BatchNormParams, training: bool) -> float:
-    """``nn.BatchNorm2d``'s exponential_average_factor, incrementing num_batches_tracked."""
-    if not (training and bn.running_mean is not None and bn.num_batches_tracked is not None):
-        return 0.0 if bn.momentum is None else bn.momentum
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -322,90 +262,6 @@ def _dropout_noise(state: torch.Tensor, like: torch.Tensor, p: float, channels_l
             torch.set_rng_state(state)
         ones = torch.empty(like.shape, dtype=like.dtype, device=device, memory_format=memory_format(channels_last))
         return F.dropout(ones.fill_(1), p, True)
-
-
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _compute_dtype_of(x: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype for x's device when autocast is on, else x's dtype."""
-    dt = x.device.type
-    if dt in ("cpu", "cuda") and torch.is_autocast_enabled(dt) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(dt)
-    return x.dtype
-
-
-def _conv_backward(
-    grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, padding: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_input, grad_weight) of ``F.conv2d(inp, weight, padding=padding)`` (stride 1)."""
-    gi, gw, _ = torch.ops.aten.convolution_backward(
-        grad_out, inp, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [True, True, False]
-    )
-    return gi, gw
-
-
-def _check_train_batch(shape: torch.Size, training: bool) -> None:
-    """nn.BatchNorm2d's error for one value per channel in training (same text)."""
-    if training and shape[0] * shape[2] * shape[3] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
-
-
-def _training_coefficients(
-    scale: torch.Tensor, invstd: torch.Tensor, mean: torch.Tensor, sum_g: torch.Tensor, sum_gx: torch.Tensor, m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, b, c) of the training BN backward ``dx = a g' + b x + c`` (see ops/batchnorm.py)."""
-    b = -scale * invstd * invstd * sum_gx / m
-    return scale, b, -scale * sum_g / m - b * mean
-
-
-# ----------------------------------------------------------------------------- synchronized BN
-def _sync_group(norms: Sequence[BatchNormParams], training: bool) -> object | None:
-    """The process group the batch statistics of ``norms`` are synchronized over, or ``None``.
-
-    ``None`` (local statistics, no collective) unless training with a group of more than one
-    rank, as ``fastblocks.nn.BatchNorm2d``. The norms of one fused node share statistics
-    (each chunk's statistics feed every later norm1), so they must share one group.
-    """
-    if not training:
-        return None
-    group = norms[0].process_group
-    for bn in norms[1:]:
-        if bn.process_group is not group:
-            raise ValueError(
-                "the BatchNorms of one fused DenseNet node must share one process_group (their batch "
-                "statistics are shared): convert the whole model with fastblocks.nn.convert_sync_batchnorm"
-            )
-    if group is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-        return None
-    return group
-
-
-def _global_stats(
-    mean: torch.Tensor, var: torch.Tensor, count: int, group: object
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased var) ``[C]`` and the total count (0-d) over the batches of every rank of ``group``.
-
-    One ``all_gather`` of each rank's ``[3, C]`` (count, mean, M2 = var count), combined with
-    Chan et al.'s formula as ``fastblocks.ops.batchnorm._SyncBatchNormAct`` does: exact and stable,
-    unlike all-reducing Σx and Σx². The count stays a tensor: no host synchronization.
-    """
-    local = torch.stack([torch.full_like(mean, count), mean, var * count])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    parts = torch.stack(gathered, dim=1)  # [3, world, C]
-    g_mean, g_var = _combine_partials(parts[0], parts[1], parts[2])
-    return g_mean, g_var, parts[0, :, 0].sum()
-
-
-def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, group: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ_ranks a, Σ_ranks b)`` for two ``[C]`` vectors, in one ``all_reduce``."""
-    both = torch.stack([a, b])
-    dist.all_reduce(both, group=group)
-    return both[0], both[1]
 
 
 # ----------------------------------------------------------------------------- dense block
@@ -456,7 +312,7 @@ def _block_forward(
     n, c0, h, w = x.shape
     nl, k = cfg.num_layers, cfg.growth_rate
     cl = is_channels_last(x)
-    sd = _compute_dtype(x.dtype)
+    sd = acc_dtype(x.dtype)
     kern = kernels_for("dense_block", x.device)
     buf = torch.empty((n, c0 + nl * k, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(cl))
     _channel_rows(buf, 0, c0, cl).copy_(_rows_of(x, cl))
@@ -469,7 +325,7 @@ def _block_forward(
         var2 = torch.empty_like(mean2)
         m, v = kern.stats(x, cl)
         if group is not None:
-            m, v, total = _global_stats(m, v, count, group)
+            m, v, total = global_stats(m, v, count, group)
         mean1[:c0].copy_(m)
         var1[:c0].copy_(v)
     else:
@@ -496,17 +352,17 @@ def _block_forward(
             m1, v1 = mean1[:ci], var1[:ci]
         else:
             m1, v1 = running[i * _PER_LAYER_RUNNING].to(sd), running[i * _PER_LAYER_RUNNING + 1].to(sd)
-        s1, t1, _ = _scale_shift(m1, v1, g1, b1, cfg.eps1[i])
+        s1, t1, _ = scale_shift(m1, v1, g1, b1, cfg.eps1[i])
         bott = F.conv2d(kern.apply(buf[:, :ci], s1, t1, None, True, cl), w1)
         if cfg.training:
             m2, v2 = kern.stats(bott, cl)
             if group is not None:
-                m2, v2, _ = _global_stats(m2, v2, count, group)
+                m2, v2, _ = global_stats(m2, v2, count, group)
             mean2[i].copy_(m2)
             var2[i].copy_(v2)
         else:
             m2, v2 = running[i * _PER_LAYER_RUNNING + 2].to(sd), running[i * _PER_LAYER_RUNNING + 3].to(sd)
-        s2, t2, _ = _scale_shift(m2, v2, g2, b2, cfg.eps2[i])
+        s2, t2, _ = scale_shift(m2, v2, g2, b2, cfg.eps2[i])
         y = F.conv2d(kern.apply(bott, s2, t2, None, True, cl), w2, padding=1)
         if kept is not None and cfg.keep[i]:
             kept.append(bott)
@@ -518,7 +374,7 @@ def _block_forward(
         if cfg.training and i < nl - 1:
             m, v = kern.stats(y, cl)
             if group is not None:
-                m, v, _ = _global_stats(m, v, count, group)
+                m, v, _ = global_stats(m, v, count, group)
             mean1[ci : ci + k].copy_(m)
             var1[ci : ci + k].copy_(v)
         _channel_rows(buf, ci, ci + k, cl).copy_(_rows_of(y, cl))
@@ -547,7 +403,7 @@ def _fold_stats_grad(
     summed over the ranks first and ``M`` is the global count.
     """
     if group is not None:
-        gmu, gvar = _all_reduce_pair(gmu, gvar, group)
+        gmu, gvar = all_reduce_pair(gmu, gvar, group)
     b = 2.0 * gvar / m
     c = gmu / m - b * mean
     one = torch.ones_like(b)
@@ -558,20 +414,6 @@ def _fold_stats_grad(
         g_rows.copy_(_rows_of(new, cl))
 
 
-@functools.cache
-def _kernels_built(*names: str) -> bool:
-    return all(_ext.has_kernel(name, "CPU") for name in names)
-
-
-def _eager_cpu_kernels(op: str, device: torch.device, *names: str) -> bool:
-    """Whether the CPU-only kernels ``names`` run ``op`` here: eager calls (not under
-    torch.compile, which traces the backend's kernel-table steps) on the compiled CPU backend,
-    with an extension that has them (a stale build may not)."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return _backend.resolve(op, device) == "cpu" and _kernels_built(*names)
-
-
 def _one_call_layers(device: torch.device, cfg: _BlockConfig, group: object | None) -> bool:
     """Whether each layer's forward and backward are one C++ call each
     (``fastblocks::dense_layer_fwd_``/``dense_layer_bwd_``: the same steps, without one to two dozen
@@ -579,7 +421,7 @@ def _one_call_layers(device: torch.device, cfg: _BlockConfig, group: object | No
     synchronized statistics."""
     if group is not None or (cfg.training and cfg.drop_rate > 0):
         return False
-    return _eager_cpu_kernels("dense_block", device, "dense_layer_fwd_", "dense_layer_bwd_")
+    return _backend.cpu_kernels("dense_block", device, "dense_layer_fwd_", "dense_layer_bwd_")
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -614,15 +456,15 @@ class _DenseBlockFunction(torch.autograd.Function):
         rng = saved[5 + nparams + nrun : 5 + nparams + nrun + ctx.n_rng]
         kept = list(saved[5 + nparams + nrun + ctx.n_rng :])  # in layer order; popped from the end
         kern = kernels_for("dense_block", buf.device)
-        sd = _compute_dtype(buf.dtype)
+        sd = acc_dtype(buf.dtype)
         n, _, h, w = buf.shape
         group = ctx.group
         m = n * h * w if group is None else ctx.total  # the count behind the statistics
         grads: list[torch.Tensor | None] = [None] * (nparams + nrun)
         # norm1's sums and its direct dx share in one pass over the prefix, added into G in place
         # (else bn_bwd_reduce, then bn_bwd_apply into a temporary added to G: three passes more).
-        direct_add = _eager_cpu_kernels("dense_block", buf.device, "bn_bwd_reduce_add_")
-        with _no_autocast(buf.device.type):
+        direct_add = _backend.cpu_kernels("dense_block", buf.device, "bn_bwd_reduce_add_")
+        with no_autocast(buf.device.type):
             g = torch.empty_like(buf)  # the one gradient buffer
             g.copy_(grad_buf)
             gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)  # empty in eval
@@ -657,26 +499,23 @@ class _DenseBlockFunction(torch.autograd.Function):
                     m1, v1, m2, v2 = mean1[:ci], var1[:ci], mean2[i], var2[i]
                 else:
                     m1, v1, m2, v2 = (t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
-                s1, t1, inv1 = _scale_shift(m1, v1, g1, b1, cfg.eps1[i])
-                s2, t2, inv2 = _scale_shift(m2, v2, g2, b2, cfg.eps2[i])
+                s1, t1, inv1 = scale_shift(m1, v1, g1, b1, cfg.eps1[i])
+                s2, t2, inv2 = scale_shift(m2, v2, g2, b2, cfg.eps2[i])
                 x_pre = buf[:, :ci]
                 a1 = kern.apply(x_pre, s1, t1, None, True, cl)
                 bott = kept.pop() if cfg.keep[i] else F.conv2d(a1, w1)
                 a2 = kern.apply(bott, s2, t2, None, True, cl)
-                da2, dw2 = _conv_backward(dy, a2, w2, 1)
+                da2, dw2 = conv_backward(dy, a2, w2, 1)
                 del a2, dy
                 # norm2 + relu2: training-mode BN backward (its statistics depend on bott only).
                 sg2, sgx2 = kern.bwd_reduce(da2, bott, m2, s2, t2, None, True, cl)
-                if cfg.training:
-                    # Synchronized: dbott needs the sums over the global batch (parameter
-                    # gradients keep the local ones, as nn.SyncBatchNorm: DDP averages them).
-                    sums2 = (sg2, sgx2) if group is None else _all_reduce_pair(sg2, sgx2, group)
-                    ca, cb, cc = _training_coefficients(s2, inv2, m2, *sums2, m)
-                else:
-                    ca, cb, cc = s2, torch.zeros_like(s2), torch.zeros_like(s2)
+                # Synchronized: dbott needs the sums over the global batch (parameter gradients
+                # keep the local ones, as nn.SyncBatchNorm: DDP averages them).
+                sums2 = (sg2, sgx2) if group is None else all_reduce_pair(sg2, sgx2, group)
+                ca, cb, cc = dx_coefficients(g2, m2, inv2, *sums2, m, cfg.training)
                 dbott = kern.bwd_apply(da2, bott, s2, t2, None, ca, cb, cc, True, cl)
                 del da2, bott
-                da1, dw1 = _conv_backward(dbott, a1, w1, 0)
+                da1, dw1 = conv_backward(dbott, a1, w1, 0)
                 del dbott, a1
                 # norm1 + relu1 with the statistics held fixed; their share goes to gmu/gvar.
                 if direct_add:  # sums and G[:, :C_i] += s1 g1' in one pass over the prefix
@@ -737,25 +576,8 @@ def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerParams], training: 
         for t, name in ((p.conv1_weight, "conv1_weight"), (p.conv2_weight, "conv2_weight")):
             if t.device != x.device:
                 raise ValueError(f"layer {i}: {name} is on {t.device} but x is on {x.device}")
-    _check_train_batch(x.shape, training)
+    check_train_batch(x.shape, training)
     return k, bott
-
-
-def _cast_weight(w: torch.Tensor, x: torch.Tensor, cd: torch.dtype, name: str) -> torch.Tensor:
-    """The conv weight in the compute dtype: cast under autocast, else it must match x (as F.conv2d)."""
-    if w.dtype == cd:
-        return w
-    if not _autocasting(x):
-        raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype} (outside autocast they must match)")
-    return w.to(cd)
-
-
-def _autocasting(x: torch.Tensor) -> bool:
-    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-
-
-def _needs_graph(tensors: Sequence[torch.Tensor | None]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def dense_block(
@@ -797,13 +619,13 @@ def dense_block(
     k, bott_ch = _check_block(x, layers, training)
     if keep_bottleneck is not None and not isinstance(keep_bottleneck, bool):
         raise TypeError(f"keep_bottleneck must be None, True or False, got {keep_bottleneck!r}")
-    group = _sync_group([bn for p in layers for bn in (p.norm1, p.norm2)], training)
-    cd = _compute_dtype_of(x)
+    group = sync_group([bn for p in layers for bn in (p.norm1, p.norm2)], training)
+    cd = compute_dtype_of(x)
     flat: list[torch.Tensor | None] = []
     for i, p in enumerate(layers):
         flat += [
-            p.norm1.weight, p.norm1.bias, _cast_weight(p.conv1_weight, x, cd, f"layer {i} conv1_weight"),
-            p.norm2.weight, p.norm2.bias, _cast_weight(p.conv2_weight, x, cd, f"layer {i} conv2_weight"),
+            p.norm1.weight, p.norm1.bias, cast_weight(p.conv1_weight, x, cd, f"layer {i} conv1_weight"),
+            p.norm2.weight, p.norm2.bias, cast_weight(p.conv2_weight, x, cd, f"layer {i} conv2_weight"),
         ]  # fmt: skip
     running: list[torch.Tensor | None] = []
     if not training:
@@ -822,8 +644,8 @@ def dense_block(
         ),
     )
     xc = x.to(cd)
-    with _no_autocast(x.device.type):
-        if _needs_graph([xc, *flat]):
+    with no_autocast(x.device.type):
+        if needs_graph([xc, *flat]):
             buf, mean1, var1, mean2, var2, total = _DenseBlockFunction.apply(xc, cfg, group, *flat, *running)
         else:
             buf, mean1, var1, mean2, var2, _, total = _block_forward(xc, cfg, flat, running, False, group)
@@ -849,10 +671,7 @@ def _update_block_running_stats(
     """
     mean1, var1, mean2, var2 = stats
     # running_var stores the unbiased variance. A synchronized count is a 0-d tensor: no host sync.
-    if isinstance(count, torch.Tensor):
-        correction = count / (count - 1).clamp_min(1)
-    else:
-        correction = count / max(count - 1, 1)
+    correction = unbiased_correction(count)
     unbiased1, unbiased2 = var1 * correction, var2 * correction
     groups: dict[tuple[float, torch.dtype], list[list[torch.Tensor]]] = {}
     counters: list[torch.Tensor] = []
@@ -885,295 +704,77 @@ def _update_block_running_stats(
         torch._foreach_add_(rv, bv, alpha=momentum)
 
 
-# ----------------------------------------------------------------------------- transition
-def _dx_sums(
-    ctx, sum_g: torch.Tensor, sum_gx: torch.Tensor, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
-    """``(Σg', Σg'(x-mu), M)`` behind a training BN's dx: this rank's, or summed over ``ctx.group``.
+if schemas_defined("bn_bwd_reduce_add_"):
 
-    The parameter gradients keep the local sums (as ``nn.SyncBatchNorm``: DDP averages them).
-    """
-    if ctx.group is None:
-        return sum_g, sum_gx, x.numel() // x.shape[1]
-    return (*_all_reduce_pair(sum_g, sum_gx, ctx.group), ctx.total)
-
-
-def _transition_kernels(device: torch.device) -> bool:
-    """Whether the transition's BN-ReLU-avgpool runs as the compiled CPU kernel pair
-    (``fastblocks::transition_pool_fwd``/``transition_pool_bwd``). Otherwise (and under
-    torch.compile) the backend's BN-ReLU, then ``F.avg_pool2d``."""
-    return _eager_cpu_kernels("dense_transition", device, "transition_pool_fwd", "transition_pool_bwd")
+    @torch.library.register_fake("fastblocks::bn_bwd_reduce_add_")
+    def _(
+        acc: torch.Tensor,
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        relu: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fake_channel_vectors(x, 2)
 
 
-def _transition_pool(x: torch.Tensor, kern, scale: torch.Tensor, shift: torch.Tensor, cl: bool) -> torch.Tensor:
-    """``avg_pool2d(relu(x * scale + shift), 2, 2)``: ``[N, C, H, W] -> [N, C, H // 2, W // 2]``."""
-    if _transition_kernels(x.device):
-        return torch.ops.fastblocks.transition_pool_fwd.default(x, scale, shift, cl)
-    return F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
+if schemas_defined("dense_layer_fwd_", "dense_layer_bwd_"):
 
+    @torch.library.register_fake("fastblocks::dense_layer_bwd_")
+    def _(
+        g: torch.Tensor,
+        gmu: torch.Tensor,
+        gvar: torch.Tensor,
+        buf: torch.Tensor,
+        mean1: torch.Tensor,
+        var1: torch.Tensor,
+        mean2: torch.Tensor,
+        var2: torch.Tensor,
+        weight1: torch.Tensor | None,
+        bias1: torch.Tensor | None,
+        conv1_weight: torch.Tensor,
+        weight2: torch.Tensor | None,
+        bias2: torch.Tensor | None,
+        conv2_weight: torch.Tensor,
+        bottleneck: torch.Tensor | None,
+        eps1: float,
+        eps2: float,
+        ci: int,
+        k: int,
+        training: bool,
+        fold: bool,
+        channels_last: bool,
+    ) -> tuple[torch.Tensor | None, ...]:
+        def like(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
-class _TransitionFunction(torch.autograd.Function):
-    """BN-ReLU-avgpool(2)-conv1x1 as one node; saves x and the statistics, recomputes the rest."""
+        return like(weight1), like(bias1), like(conv1_weight), like(weight2), like(bias2), like(conv2_weight)
 
-    @staticmethod
-    def forward(ctx, x, training: bool, eps: float, weight, bias, conv_weight, running_mean, running_var, group):
-        cl = is_channels_last(x)
-        kern = kernels_for("dense_transition", x.device)
-        sd = _compute_dtype(x.dtype)
-        total = None
-        if training:
-            mean, var = kern.stats(x, cl)
-            if group is not None:
-                mean, var, total = _global_stats(mean, var, x.numel() // x.shape[1], group)
-        else:
-            mean, var = running_mean.to(sd), running_var.to(sd)
-        scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
-        pooled = _transition_pool(x, kern, scale, shift, cl)
-        out = F.conv2d(pooled, conv_weight)
-        ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
-        ctx.group, ctx.total = group, total
-        ctx.save_for_backward(x, weight, bias, conv_weight, mean, var)
-        ctx.mark_non_differentiable(mean, var)
-        if total is not None:
-            ctx.mark_non_differentiable(total)
-        return out, mean, var, total
-
-    @staticmethod
-    def backward(ctx, grad_out, _gm, _gv, _gt):
-        x, weight, bias, conv_weight, mean, var = ctx.saved_tensors
-        cl = ctx.channels_last
-        kern = kernels_for("dense_transition", x.device)
-        with _no_autocast(x.device.type):
-            scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
-            pooled = _transition_pool(x, kern, scale, shift, cl)
-            dpooled, dconv = _conv_backward(grad_out, pooled, conv_weight, 0)
-            del pooled
-            if ctx.group is None and _transition_kernels(x.device):
-                # Sums and dx in two passes over x, the pool's gradient read at its own size.
-                dx, sum_g, sum_gx = torch.ops.fastblocks.transition_pool_bwd.default(
-                    dpooled, x, mean, scale, shift, invstd, ctx.training, cl
-                )
-                dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
-                dbias = None if bias is None else sum_g.to(bias.dtype)
-                return dx, None, None, dweight, dbias, dconv, None, None, None
-            # avg_pool2d_backward reads only the shape of `self`: x has it.
-            da = torch.ops.aten.avg_pool2d_backward(dpooled, x, [2, 2], [2, 2], [0, 0], False, True, None)
-            del dpooled
-            sum_g, sum_gx = kern.bwd_reduce(da, x, mean, scale, shift, None, True, cl)
-            if ctx.training:
-                a, b, c = _training_coefficients(scale, invstd, mean, *_dx_sums(ctx, sum_g, sum_gx, x))
-            else:
-                a, b, c = scale, torch.zeros_like(scale), torch.zeros_like(scale)
-            dx = kern.bwd_apply(da, x, scale, shift, None, a, b, c, True, cl)
-        dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
-        dbias = None if bias is None else sum_g.to(bias.dtype)
-        return dx, None, None, dweight, dbias, dconv, None, None, None
-
-
-def dense_transition_reference(
-    x: torch.Tensor, norm: BatchNormParams, conv_weight: torch.Tensor, *, training: bool
-) -> torch.Tensor:
-    """The specification: torchvision's ``_Transition`` (BN, ReLU, conv1x1, avgpool 2)."""
-    factor = _momentum_factor(norm, training)
-    h = F.batch_norm(
-        x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-        training or norm.running_mean is None, factor, norm.eps,
-    )  # fmt: skip
-    return F.avg_pool2d(F.conv2d(torch.relu(h), conv_weight), 2, 2)
-
-
-def dense_transition(
-    x: torch.Tensor, norm: BatchNormParams, conv_weight: torch.Tensor, *, training: bool
-) -> torch.Tensor:
-    """DenseNet transition ``avgpool2(conv1x1(relu(bn(x))))`` saving only x for backward.
-
-    Args:
-        x: ``[N, C, H, W]`` (H, W >= 2), NCHW or channels_last; typically a block's buffer.
-        norm: the BatchNorm over ``C`` (running buffers updated once in training); with a
-            ``process_group`` of several ranks its training statistics are the global batch's
-            (one all_gather forward, one all-reduce backward; see the module docstring).
-        conv_weight: ``[C_out, C, 1, 1]``.
-        training: batch statistics (and running-stat update) or running statistics.
-
-    Returns:
-        ``[N, C_out, H // 2, W // 2]`` in x's dtype (the autocast dtype under autocast).
-    """
-    check_tensor(x, "x", dim=4)
-    if norm.num_features not in (None, x.shape[1]):
-        raise ValueError(f"norm has {norm.num_features} channels but x has {x.shape[1]}")
-    if conv_weight.dim() != 4 or tuple(conv_weight.shape[1:]) != (x.shape[1], 1, 1):
-        raise ValueError(f"conv_weight must have shape [C_out, {x.shape[1]}, 1, 1], got {tuple(conv_weight.shape)}")
-    if x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(
-            f"transition: the {x.shape[2]}x{x.shape[3]} feature map is too small for the 2x2 average pool "
-            "(the input image is too small for this network)"
-        )
-    if not training and (norm.running_mean is None or norm.running_var is None):
-        raise ValueError("transition norm has no running statistics: eval mode needs them")
-    _check_train_batch(x.shape, training)
-    cd = _compute_dtype_of(x)
-    w = _cast_weight(conv_weight, x, cd, "conv_weight")
-    xc = x.to(cd)
-    rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
-    group = _sync_group([norm], training)
-    with _no_autocast(x.device.type):
-        out, mean, var, total = _TransitionFunction.apply(
-            xc, training, float(norm.eps), norm.weight, norm.bias, w, rm, rv, group
-        )
-    if training and norm.running_mean is not None:
-        _update_running(norm, mean, var, x.shape[0] * x.shape[2] * x.shape[3] if total is None else total)
-    return out
-
-
-def _update_running(norm: BatchNormParams, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
-    """One BatchNorm's training-forward update (``num_batches_tracked`` first, as nn.BatchNorm2d)."""
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-    update_running_stats(norm.running_mean, norm.running_var, mean, var, count, norm.momentum, norm.num_batches_tracked)
-
-
-# ----------------------------------------------------------------------------- stem
-@functools.cache
-def _pool_kernels_built() -> bool:
-    return _ext.has_kernel("stem_pool_fwd", "CPU") and _ext.has_kernel("stem_pool_bwd", "CPU")
-
-
-# Under torch.compile the answer is a constant of the graph (Dynamo cannot trace the dispatcher query).
-_pool_kernels_built_eager = torch.compiler.disable(_pool_kernels_built, recursive=True)
-
-
-@torch.compiler.assume_constant_result
-def _pool_kernels_built_constant() -> bool:
-    return _pool_kernels_built_eager()
-
-
-def _pool_kernels(device: torch.device) -> bool:
-    """Whether the stem's BN-ReLU-maxpool runs as the compiled CPU kernel pair (else: the
-    backend's BN-ReLU, then ``F.max_pool2d``; its backward recomputes both)."""
-    if device.type != "cpu" or _backend.resolve("dense_transition", device) != "cpu":
-        return False
-    return _pool_kernels_built_constant() if torch.compiler.is_compiling() else _pool_kernels_built()
-
-
-class _StemFunction(torch.autograd.Function):
-    """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node; saves x (the network input), the statistics and,
-    on the compiled CPU backend, the max-pool's winning window positions (int8, one per output)."""
-
-    @staticmethod
-    def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var, group):
-        kern = kernels_for("dense_transition", x.device)
-        c = F.conv2d(x, conv_weight, stride=2, padding=3)
-        cl = is_channels_last(c)
-        sd = _compute_dtype(c.dtype)
-        total = None
-        if training:
-            mean, var = kern.stats(c, cl)
-            if group is not None:
-                mean, var, total = _global_stats(mean, var, c.numel() // c.shape[1], group)
-        else:
-            mean, var = running_mean.to(sd), running_var.to(sd)
-        scale, shift, _ = _scale_shift(mean, var, weight, bias, eps)
-        if _pool_kernels(c.device):
-            # One pass: BN-ReLU-maxpool, keeping which window position won (1 byte per output).
-            out, winners = torch.ops.fastblocks.stem_pool_fwd.default(c, scale, shift, cl)
-        else:
-            out, winners = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1), None
-        ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
-        ctx.group, ctx.total = group, total
-        ctx.save_for_backward(x, conv_weight, weight, bias, mean, var, winners)
-        ctx.mark_non_differentiable(mean, var)
-        if total is not None:
-            ctx.mark_non_differentiable(total)
-        return out, mean, var, total
-
-    @staticmethod
-    def backward(ctx, grad_out, _gm, _gv, _gt):
-        x, conv_weight, weight, bias, mean, var, winners = ctx.saved_tensors
-        cl = ctx.channels_last
-        kern = kernels_for("dense_transition", x.device)
-        with _no_autocast(x.device.type):
-            c = F.conv2d(x, conv_weight, stride=2, padding=3)
-            scale, shift, invstd = _scale_shift(mean, var, weight, bias, ctx.eps)
-            if winners is not None:
-                da = torch.ops.fastblocks.stem_pool_bwd.default(grad_out, winners, c.shape[2], c.shape[3], cl)
-            else:
-                a = kern.apply(c, scale, shift, None, True, cl)
-                _, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
-                da = torch.ops.aten.max_pool2d_with_indices_backward(
-                    grad_out, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx
-                )
-                del a, idx
-            sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
-            if ctx.training:
-                ca, cb, cc = _training_coefficients(scale, invstd, mean, *_dx_sums(ctx, sum_g, sum_gx, c))
-            else:
-                ca, cb, cc = scale, torch.zeros_like(scale), torch.zeros_like(scale)
-            dc = kern.bwd_apply(da, c, scale, shift, None, ca, cb, cc, True, cl)
-            del da, c
-            dx, dconv, _ = torch.ops.aten.convolution_backward(
-                dc, x, conv_weight, None, [2, 2], [3, 3], [1, 1], False, [0, 0], 1,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
-            )  # fmt: skip
-        dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
-        dbias = None if bias is None else sum_g.to(bias.dtype)
-        return dx, None, None, dconv, dweight, dbias, None, None, None
-
-
-def stem_reference(
-    x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
-) -> torch.Tensor:
-    """The specification: torchvision's stem (conv 7x7/2 pad 3, BN, ReLU, max pool 3x3/2 pad 1)."""
-    factor = _momentum_factor(norm, training)
-    h = F.batch_norm(
-        F.conv2d(x, conv_weight, stride=2, padding=3), norm.running_mean, norm.running_var, norm.weight, norm.bias,
-        training or norm.running_mean is None, factor, norm.eps,
-    )  # fmt: skip
-    return F.max_pool2d(torch.relu(h), 3, 2, 1)
-
-
-def stem_conv_bn_relu_pool(
-    x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
-) -> torch.Tensor:
-    """ImageNet stem ``maxpool3x3/2(relu(bn(conv7x7/2(x))))`` saving only x (and, on the CPU, the
-    max-pool's winners: one byte per output) for backward.
-
-    Backward recomputes the convolution (about 4% of DenseNet-121's forward MACs) instead of
-    keeping the conv output, the ReLU output and the max-pool indices: at 224x224 those are
-    larger than all four dense-block buffers together. Used by DenseNet; it is ResNet's stem too.
-    On the compiled CPU backend, BN-ReLU-maxpool is one kernel (``fastblocks::stem_pool_fwd``)
-    that also keeps which of the nine window positions won each output (one byte per pooled
-    output, 1/16 of the conv output's fp32 bytes), so backward routes the gradient with
-    ``stem_pool_bwd`` instead of recomputing the BN-ReLU and the max-pool. Other backends
-    recompute them.
-
-    Args:
-        x: ``[N, C_in, H, W]`` (NCHW or channels_last); the network input.
-        conv_weight: ``[C, C_in, 7, 7]``.
-        norm: the BatchNorm over ``C`` (running buffers updated once in training); synchronized
-            over its ``process_group`` as :func:`dense_transition`.
-        training: batch statistics (and running-stat update) or running statistics.
-
-    Returns:
-        ``[N, C, H', W']`` with ``H1 = (H - 1) // 2 + 1`` and ``H' = (H1 - 1) // 2 + 1``.
-    """
-    check_tensor(x, "x", dim=4)
-    if conv_weight.dim() != 4 or conv_weight.shape[1] != x.shape[1] or tuple(conv_weight.shape[2:]) != (7, 7):
-        raise ValueError(f"conv_weight must have shape [C, {x.shape[1]}, 7, 7], got {tuple(conv_weight.shape)}")
-    if norm.num_features not in (None, conv_weight.shape[0]):
-        raise ValueError(f"norm has {norm.num_features} channels but conv_weight has {conv_weight.shape[0]} outputs")
-    if not training and (norm.running_mean is None or norm.running_var is None):
-        raise ValueError("stem norm has no running statistics: eval mode needs them")
-    h1, w1 = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1  # the conv's output size
-    _check_train_batch(torch.Size((x.shape[0], conv_weight.shape[0], h1, w1)), training)
-    cd = _compute_dtype_of(x)
-    w = _cast_weight(conv_weight, x, cd, "conv_weight")
-    xc = x.to(cd)
-    rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
-    group = _sync_group([norm], training)
-    with _no_autocast(x.device.type):
-        out, mean, var, total = _StemFunction.apply(
-            xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv, group
-        )
-    if training and norm.running_mean is not None:
-        _update_running(norm, mean, var, x.shape[0] * h1 * w1 if total is None else total)
-    return out
+    @torch.library.register_fake("fastblocks::dense_layer_fwd_")
+    def _(
+        buf: torch.Tensor,
+        mean1: torch.Tensor,
+        var1: torch.Tensor,
+        mean2: torch.Tensor,
+        var2: torch.Tensor,
+        weight1: torch.Tensor | None,
+        bias1: torch.Tensor | None,
+        conv1_weight: torch.Tensor,
+        weight2: torch.Tensor | None,
+        bias2: torch.Tensor | None,
+        conv2_weight: torch.Tensor,
+        eps1: float,
+        eps2: float,
+        ci: int,
+        k: int,
+        training: bool,
+        chunk_stats: bool,
+        keep: bool,
+        channels_last: bool,
+    ) -> torch.Tensor | None:
+        if not keep:
+            return None
+        shape = (buf.shape[0], conv1_weight.shape[0], buf.shape[2], buf.shape[3])
+        return buf.new_empty(shape).contiguous(memory_format=memory_format(channels_last))

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from fastblocks.ops import _bn_core as bn_core
 from fastblocks.ops import batchnorm as bn_ops
 from fastblocks.testing import accuracy
 
@@ -63,30 +64,30 @@ def test_passes_the_unpatched_reference() -> None:
 
 
 def test_fails_on_a_wrong_relu_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bn_ops._forward_value
+    real = bn_core._forward_value
     # The mask as `y >= 0` instead of threshold_backward's `y > 0`: differs only at exact zeros.
-    monkeypatch.setattr(bn_ops, "_forward_value", lambda *a: real(*a) + torch.finfo(torch.float32).tiny)
+    monkeypatch.setattr(bn_core, "_forward_value", lambda *a: real(*a) + torch.finfo(torch.float32).tiny)
     with pytest.raises(AssertionError, match="grad:x0"):
         _report("batch_norm_relu", ("ties",)).check()
 
 
 def test_fails_on_welford_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     def welford(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        var, mean = torch.var_mean(x.float(), dim=bn_ops._reduce_dims(x.dim()), correction=0)
+        var, mean = torch.var_mean(x.float(), dim=bn_core._reduce_dims(x.dim()), correction=0)
         return mean, var
 
-    monkeypatch.setitem(bn_ops._BY_BACKEND, "reference", dataclasses.replace(bn_ops._REFERENCE, stats=welford))
+    monkeypatch.setitem(bn_core._BY_BACKEND, "reference", dataclasses.replace(bn_core.REFERENCE, stats=welford))
     with pytest.raises(AssertionError, match="over the worst-case bound"):
         _report("batch_norm_relu", ("ties",)).check()
 
 
 def test_fails_on_a_coefficient_off_by_a_thousandth(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bn_ops._dx_coefficients
+    real = bn_ops.dx_coefficients
 
     def off(*args, **kwargs):
         a, b, c = real(*args, **kwargs)
         return a * 1.001, b, c
 
-    monkeypatch.setattr(bn_ops, "_dx_coefficients", off)
+    monkeypatch.setattr(bn_ops, "dx_coefficients", off)
     with pytest.raises(AssertionError, match="grad:x0"):
         _report("batch_norm", ("normal",)).check()

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from fastblocks.models.densenet import DenseNet
 from fastblocks.nn import convert_sync_batchnorm
-from fastblocks.ops import dense_block as db
+from fastblocks.ops import _bn_core
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -262,4 +262,4 @@ def test_one_block_needs_one_process_group() -> None:
         model(torch.randn(2, 3, 32, 32))
     model.eval()
     model(torch.randn(2, 3, 32, 32))  # eval: running statistics, no group needed
-    assert db._sync_group([db.BatchNormParams(None, None, process_group=object())], training=False) is None
+    assert _bn_core.sync_group([_bn_core.BatchNormParams(None, None, process_group=object())], training=False) is None

@@ -19,16 +19,10 @@ from torch import nn
 
 import fastblocks
 from fastblocks.models.densenet import _DenseBlock
-from fastblocks.ops.dense_block import (
-    BatchNormParams,
-    DenseLayerParams,
-    dense_block,
-    dense_block_reference,
-    dense_transition,
-    dense_transition_reference,
-    stem_conv_bn_relu_pool,
-    stem_reference,
-)
+from fastblocks.ops import BatchNormParams, DenseLayerParams
+from fastblocks.ops.dense_block import dense_block, dense_block_reference
+from fastblocks.ops.stem import stem_conv_bn_relu_pool, stem_reference
+from fastblocks.ops.transition import dense_transition, dense_transition_reference
 from fastblocks.testing import assert_close_to_reference, max_abs_err
 from tests.helpers import CUDA_BACKENDS, device_backends, devices, rng_state, skip_unless_available
 
@@ -458,7 +452,7 @@ def test_dense_layer_bwd_opcheck_and_bad_input(channels_last, training):
     from tests.helpers import require_compiled_kernels
 
     require_compiled_kernels("dense_layer_bwd_", dispatch_key="CPU")
-    import fastblocks.ops._bn_kernels  # noqa: F401  (fake kernels)
+    import fastblocks.ops.dense_block  # noqa: F401  (fake kernels of the one-call layer)
 
     ops = torch.ops.fastblocks
     n, c0, k, b, h, w = 2, 4, 3, 5, 5, 6
@@ -505,7 +499,7 @@ def test_dense_layer_fwd_opcheck_and_bad_input(channels_last, training):
     from tests.helpers import require_compiled_kernels
 
     require_compiled_kernels("dense_layer_fwd_", dispatch_key="CPU")
-    import fastblocks.ops._bn_kernels  # noqa: F401  (fake kernels)
+    import fastblocks.ops.dense_block  # noqa: F401  (fake kernels of the one-call layer)
 
     ops = torch.ops.fastblocks
     n, c0, k, b, h, w = 2, 4, 3, 5, 5, 6

@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-import fastblocks.ops._bn_kernels  # noqa: F401  (fake kernels, for opcheck)
+import fastblocks.ops._bn_core  # noqa: F401  (fake kernels of the compiled schemas, for opcheck)
 from tests.helpers import require_compiled_kernels
 
 require_compiled_kernels("bn_stats_fwd", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply", dispatch_key="CPU")

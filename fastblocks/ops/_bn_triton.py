@@ -1,0 +1,314 @@
+"""Triton kernels of the BatchNorm family: the ``triton`` backend's four kernel-level functions.
+
+``stats`` (per-channel mean and biased variance), ``apply`` (``act(x * scale + shift
+[+ residual])``), ``bwd_reduce`` (``Σ g'`` and ``Σ g' (x - mean)``) and ``bwd_apply``
+(``dx = a g' + b x + c``); their specification is the reference kernels of
+:mod:`fastblocks.ops._bn_core`, which also holds the kernel table that picks these launchers.
+Arithmetic in fp32 (fp64 for fp64 data), per-channel vectors ``[C]`` in that dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastblocks.ops._common import acc_dtype, channel_vector, combine_partials, is_channels_last, memory_format
+from fastblocks.ops._triton import tl, triton
+
+# ----------------------------------------------------------------------------- Triton kernels
+# x-sized tensors are addressed as [N, C, HW] through three strides, so one kernel serves NCHW
+# (s_c = HW, s_hw = 1) and channels_last (s_c = 1, s_hw = C). Programs tile (pixels, channels);
+# reductions write per-program partials [programs_m, C] that are combined in PyTorch.
+if triton is not None:
+
+    @triton.jit
+    def _tile(
+        pid_m,
+        pid_c,
+        M,  # N * HW: elements per channel
+        C,  # channels
+        HW,  # pixels per image
+        s_n,  # stride of the batch dimension (elements)
+        s_c,  # stride of the channel dimension
+        s_hw,  # stride of the (flattened) spatial dimension
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        n = rows // HW
+        hw = rows % HW
+        offs = n[:, None] * s_n + hw[:, None] * s_hw + cols[None, :].to(tl.int64) * s_c
+        mask = (rows[:, None] < M) & (cols[None, :] < C)
+        return offs, mask, cols
+
+    @triton.jit
+    def _value(x, scale, shift, r_ptr, offs, mask, HAS_RES: tl.constexpr, COMPUTE: tl.constexpr):
+        # x * scale + shift [+ residual], rounded to the storage dtype as eager rounds it. One
+        # explicit fused multiply-add (as the CPU and CUDA kernels): left to the compiler, the
+        # contraction may differ between the forward and the backward kernel, and the backward's
+        # ReLU mask must be rebuilt from bit-identical values.
+        y = tl.fma(x.to(COMPUTE), scale[None, :], shift[None, :]).to(x.dtype)
+        if HAS_RES:
+            r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+            y = (y.to(COMPUTE) + r.to(COMPUTE)).to(x.dtype)
+        return y
+
+    @triton.jit
+    def _bn_stats_kernel(
+        x_ptr,  # *T [N, C, HW] (strided): input
+        part_ptr,  # *COMPUTE [3, programs_m, C]: per-program count, mean, M2 (sum of squared deviations)
+        M,
+        C,
+        HW,
+        s_n,
+        s_c,
+        s_hw,
+        COMPUTE: tl.constexpr,  # accumulation dtype (fp32, fp64 for fp64 input)
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        offs, mask, cols = _tile(pid_m, pid_c, M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        cnt = tl.sum(mask.to(COMPUTE), axis=0)
+        mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
+        # Deviations from the tile's own mean: the two-level scheme that keeps large-mean inputs
+        # (e.g. 1e3 + N(0, 1)) exact where a plain sum of squares would cancel.
+        d = tl.where(mask, x - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        n_prog = tl.num_programs(0)
+        cmask = cols < C
+        base = pid_m.to(tl.int64) * C + cols
+        tl.store(part_ptr + base, cnt, mask=cmask)
+        tl.store(part_ptr + n_prog * C + base, mean, mask=cmask)
+        tl.store(part_ptr + 2 * n_prog * C + base, m2, mask=cmask)
+
+    @triton.jit
+    def _bn_apply_kernel(
+        x_ptr,  # *T [N, C, HW] (strided): input
+        scale_ptr,  # *COMPUTE [C]
+        shift_ptr,  # *COMPUTE [C]
+        r_ptr,  # *T, same layout as x: residual (ignored unless HAS_RES)
+        y_ptr,  # *T, same layout as x: act(x * scale + shift [+ r])
+        M,
+        C,
+        HW,
+        s_n,
+        s_c,
+        s_hw,
+        HAS_RES: tl.constexpr,
+        RELU: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        scale = tl.load(scale_ptr + cols, mask=cols < C, other=0.0).to(COMPUTE)
+        shift = tl.load(shift_ptr + cols, mask=cols < C, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        y = _value(x, scale, shift, r_ptr, offs, mask, HAS_RES, COMPUTE)
+        if RELU:
+            y = tl.where(y <= 0.0, 0.0, y).to(x.dtype)  # NaN passes, as torch.relu
+        tl.store(y_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def _masked_grad_tile(
+        g_ptr, x, scale, shift, r_ptr, offs, mask, HAS_RES: tl.constexpr, RELU: tl.constexpr, COMPUTE: tl.constexpr
+    ):
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        if RELU:
+            y = _value(x, scale, shift, r_ptr, offs, mask, HAS_RES, COMPUTE)
+            g = tl.where(y <= 0.0, 0.0, g)  # threshold_backward's rule: NaN passes
+        return tl.where(mask, g, 0.0)
+
+    @triton.jit
+    def _bn_bwd_reduce_kernel(
+        g_ptr,  # *T, same layout as x: dL/dy
+        x_ptr,  # *T [N, C, HW] (strided): forward input
+        mean_ptr,  # *COMPUTE [C]
+        scale_ptr,  # *COMPUTE [C]
+        shift_ptr,  # *COMPUTE [C]
+        r_ptr,  # *T residual (ignored unless HAS_RES)
+        part_ptr,  # *COMPUTE [2, programs_m, C]: partial Σ g' and Σ g' (x - mean)
+        M,
+        C,
+        HW,
+        s_n,
+        s_c,
+        s_hw,
+        HAS_RES: tl.constexpr,
+        RELU: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        offs, mask, cols = _tile(pid_m, tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        cmask = cols < C
+        scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        g = _masked_grad_tile(g_ptr, x, scale, shift, r_ptr, offs, mask, HAS_RES, RELU, COMPUTE)
+        xc = tl.where(mask, x.to(COMPUTE) - mean[None, :], 0.0)
+        base = pid_m.to(tl.int64) * C + cols
+        tl.store(part_ptr + base, tl.sum(g, axis=0), mask=cmask)
+        tl.store(part_ptr + tl.num_programs(0) * C + base, tl.sum(g * xc, axis=0), mask=cmask)
+
+    @triton.jit
+    def _bn_bwd_apply_kernel(
+        g_ptr,  # *T, same layout as x: dL/dy
+        x_ptr,  # *T [N, C, HW] (strided): forward input
+        scale_ptr,  # *COMPUTE [C]
+        shift_ptr,  # *COMPUTE [C]
+        r_ptr,  # *T residual (ignored unless HAS_RES)
+        a_ptr,  # *COMPUTE [C]: dx = a g' + b x + c
+        b_ptr,  # *COMPUTE [C]
+        c_ptr,  # *COMPUTE [C]
+        dx_ptr,  # *T, same layout as x
+        M,
+        C,
+        HW,
+        s_n,
+        s_c,
+        s_hw,
+        HAS_RES: tl.constexpr,
+        RELU: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        cmask = cols < C
+        scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        c = tl.load(c_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        g = _masked_grad_tile(g_ptr, x, scale, shift, r_ptr, offs, mask, HAS_RES, RELU, COMPUTE)
+        dx = a[None, :] * g + b[None, :] * x.to(COMPUTE) + c[None, :]
+        tl.store(dx_ptr + offs, dx.to(x.dtype), mask=mask)
+
+
+def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """(M, C, HW, s_n, s_c, s_hw) of a dense 4-D (or 2-D/3-D) x."""
+    n, c = x.shape[0], x.shape[1]
+    hw = math.prod(x.shape[2:])
+    if x.dim() == 4 and is_channels_last(x):
+        return n * hw, c, hw, x.stride(0), 1, c
+    return n * hw, c, hw, c * hw, hw, 1
+
+
+def _blocks(x: torch.Tensor, channels_last: bool) -> tuple[int, int]:
+    # Wide channel tiles when channels are contiguous in memory, tall pixel tiles otherwise; 4096
+    # elements per program (2048 in fp64: with 4096, the backward kernels spilled on sm_90).
+    c = x.shape[1]
+    block_c = min(64, triton.next_power_of_2(c)) if channels_last else min(16, triton.next_power_of_2(c))
+    block_m = max(16, (2048 if x.dtype == torch.float64 else 4096) // block_c)
+    return block_m, block_c
+
+
+def _prepare(x: torch.Tensor, channels_last: bool, *others: torch.Tensor | None) -> list[torch.Tensor | None]:
+    fmt = memory_format(channels_last)
+    return [None if t is None else t.contiguous(memory_format=fmt) for t in (x, *others)]
+
+
+def stats_triton(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, C, ...]`` -> per-channel (mean, biased var) ``[C]`` (see ``_bn_core._stats_reference``)."""
+    (xc,) = _prepare(x, channels_last)
+    cd = acc_dtype(x.dtype)
+    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
+    bm, bc = _blocks(xc, channels_last)
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    part = torch.empty((3, grid[0], C), dtype=cd, device=x.device)
+    tl_cd = tl.float64 if cd == torch.float64 else tl.float32
+    _bn_stats_kernel[grid](xc, part, M, C, HW, s_n, s_c, s_hw, COMPUTE=tl_cd, BLOCK_M=bm, BLOCK_C=bc)
+    return combine_partials(part[0], part[1], part[2])
+
+
+def apply_triton(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """``act(x * scale + shift [+ residual])``: x ``[N, C, ...]``, scale/shift ``[C]`` -> x's shape and layout."""
+    xc, rc = _prepare(x, channels_last, residual)
+    y = torch.empty_like(xc)
+    if xc.numel() == 0:
+        return y
+    cd = acc_dtype(x.dtype)
+    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
+    bm, bc = _blocks(xc, channels_last)
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    _bn_apply_kernel[grid](
+        xc, channel_vector(scale, cd), channel_vector(shift, cd), xc if rc is None else rc, y,
+        M, C, HW, s_n, s_c, s_hw,
+        HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
+        BLOCK_M=bm, BLOCK_C=bc,
+    )  # fmt: skip
+    return y
+
+
+def bwd_reduce_triton(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ g', Σ g' (x - mean))`` ``[C]`` each; ``g'`` is grad_y ``[N, C, ...]`` masked by the ReLU."""
+    xc, gc, rc = _prepare(x, channels_last, grad_y, residual)
+    cd = acc_dtype(x.dtype)
+    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
+    bm, bc = _blocks(xc, channels_last)
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    part = torch.empty((2, grid[0], C), dtype=cd, device=x.device)
+    _bn_bwd_reduce_kernel[grid](
+        gc, xc, channel_vector(mean, cd), channel_vector(scale, cd), channel_vector(shift, cd),
+        xc if rc is None else rc, part,
+        M, C, HW, s_n, s_c, s_hw,
+        HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
+        BLOCK_M=bm, BLOCK_C=bc,
+    )  # fmt: skip
+    return part[0].sum(0), part[1].sum(0)  # two separate tensors: op outputs may not alias
+
+
+def bwd_apply_triton(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """``dx = a g' + b x + c`` per channel (a, b, c ``[C]``): x's shape, dtype and layout."""
+    xc, gc, rc = _prepare(x, channels_last, grad_y, residual)
+    dx = torch.empty_like(xc)
+    if xc.numel() == 0:
+        return dx
+    cd = acc_dtype(x.dtype)
+    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
+    bm, bc = _blocks(xc, channels_last)
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    _bn_bwd_apply_kernel[grid](
+        gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), xc if rc is None else rc,
+        channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), dx,
+        M, C, HW, s_n, s_c, s_hw,
+        HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
+        BLOCK_M=bm, BLOCK_C=bc,
+    )  # fmt: skip
+    return dx
