@@ -41,7 +41,7 @@ def _exact_fp32_on_cuda(request: pytest.FixtureRequest):
 
     The tests compare fp32 results with eager PyTorch at fp32 tolerances. cuDNN convolutions use
     TF32 by default (``torch.backends.cudnn.allow_tf32``; matmuls do not), and the Triton
-    convolution kernels follow that same flag (``fastblocks.ops.bn_relu_conv._input_precision``:
+    convolution kernels follow that same flag (``fastblocks.ops._bn_relu_conv_triton._input_precision``:
     ``tl.dot(..., input_precision="tf32")`` exactly when it is on), so with it off both sides
     compute in IEEE fp32. CPU cases are left alone.
     """

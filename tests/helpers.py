@@ -32,9 +32,6 @@ FAKE_CUDA_ENV = "FASTBLOCKS_TEST_FAKE_CUDA"
 # Collection only (see the module docstring): list the CUDA cases on a machine without CUDA.
 FAKE_CUDA = not HAS_CUDA and os.environ.get(FAKE_CUDA_ENV, "") == "1"
 
-REQUIRES_CUDA_REASON = "needs a CUDA GPU"
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=REQUIRES_CUDA_REASON)
-
 # The backends that can run on CUDA tensors (the ``cpu`` backend runs CPU tensors only).
 CUDA_BACKENDS = ("reference", "triton", "cuda")
 
@@ -71,11 +68,9 @@ def is_cuda_device(name: str, value: object) -> bool:
 
 def runs_on_cuda(item: pytest.Item) -> bool:
     """Whether a collected test item runs on CUDA: a CUDA device among its parameters
-    (:func:`is_cuda_device`), or the :data:`requires_cuda` mark."""
+    (:func:`is_cuda_device`)."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and any(is_cuda_device(k, v) for k, v in callspec.params.items()):
-        return True
-    return any(m.kwargs.get("reason") == REQUIRES_CUDA_REASON for m in item.iter_markers("skipif"))
+    return callspec is not None and any(is_cuda_device(k, v) for k, v in callspec.params.items())
 
 
 @contextlib.contextmanager

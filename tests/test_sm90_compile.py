@@ -177,8 +177,8 @@ def test_cover_scope_reaches_every_block_size_of_the_models() -> None:
     pytest.importorskip("triton", reason="the launchers' block-size helpers use triton.next_power_of_2")
     import torch
 
+    from fastblocks.ops import _bn_relu_conv_triton as brc
     from fastblocks.ops import _bn_triton as bn
-    from fastblocks.ops import bn_relu_conv as brc
 
     def conv_blocks(cases):
         # The tiles each case's role compiles (16-bit dtypes give the same tiles as fp16).

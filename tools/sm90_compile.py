@@ -39,7 +39,7 @@ Method.
    holds the same rows), a spill summary, and the errors. Exit status 1 on any error, and with
    ``--max-spill BYTES`` (``make sm90-compile``: 8) on a variant that spills more.
 
-Spills. The launchers' tiles (``bn_relu_conv._fwd_tiles``, ``_wgrad_tiles``,
+Spills. The launchers' tiles (``_bn_relu_conv_triton._fwd_tiles``, ``_wgrad_tiles``,
 ``_bn_triton._blocks``) were chosen with this tool so that no convolution variant spills under
 register pressure: before, 33 variants spilled, up to 2.8 KB per thread (fp32 3x3 forward on
 4 warps) and 12 KB (fp32 wgrad without tf32), and compiling them took 5 times as long. What
@@ -361,7 +361,7 @@ LAYOUTS = ("nchw", "channels_last")
 # (torch.backends.cudnn.allow_tf32 = False: INPUT_PRECISION="ieee"; the forward without the
 # epilogue and wgrad, the only passes with a dot); "blocks" a case that is there for its block
 # sizes: fp16 (16-bit dots have the strictest minimum shape, K >= 16), fp32 and fp32-ieee (their
-# tiles and warps differ: bn_relu_conv._fwd_tiles, _wgrad_tiles), the forward without the
+# tiles and warps differ: _bn_relu_conv_triton._fwd_tiles, _wgrad_tiles), the forward without the
 # epilogue, wgrad and the prologue's backward.
 CONV_DTYPES = {
     "grid": ("fp16", "bf16", "fp32"),
@@ -446,7 +446,7 @@ def model_conv_cases() -> list[ConvCase]:
 
 # scope "cover": the grid on one ResNet-50 layer per kernel size and stride (the largest blocks,
 # BLOCK_N=128, the most registers) with fp32 without tf32 too, then one layer per other
-# tile choice of the launchers (bn_relu_conv._fwd_tiles, _wgrad_tiles and the prologue's block)
+# tile choice of the launchers (_bn_relu_conv_triton._fwd_tiles, _wgrad_tiles and the prologue's block)
 # that the models make (tests/test_sm90_compile.py checks that "cover" reaches every one of "all").
 COVER_CONVS = (
     ConvCase("resnet50 layer2 conv2", 128, 128, 28, 3, role="ieee"),
@@ -635,6 +635,7 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
     ar = importlib.import_module("fastblocks.ops.add_relu")
     bn = importlib.import_module("fastblocks.ops._bn_triton")
     brc = importlib.import_module("fastblocks.ops.bn_relu_conv")
+    brt = importlib.import_module("fastblocks.ops._bn_relu_conv_triton")
 
     def empty(shape: Sequence[int], dtype: Any, cl: bool) -> torch.Tensor:
         fmt = torch.channels_last if cl and len(shape) == 4 else torch.contiguous_format
@@ -654,12 +655,12 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
                     ho, wo = conv.out_hw(cv.h, cv.h, cv.k, cv.k)
                     with _allow_tf32(dname != "fp32-ieee"):
                         for stats in (False, True) if cv.role != "blocks" and dname != "fp32-ieee" else (False,):
-                            rec.call(f"fwd stats={stats} {tag}", brc._fwd_triton, x, scale, shift, w, conv, stats)
+                            rec.call(f"fwd stats={stats} {tag}", brt.fwd, x, scale, shift, w, conv, stats)
                         gy = empty((BATCH, cv.co, ho, wo), dtype, cl)
-                        rec.call(f"wgrad {tag}", brc._wgrad_triton, gy, x, scale, shift, w, conv)
+                        rec.call(f"wgrad {tag}", brt._wgrad_triton, gy, x, scale, shift, w, conv)
                     if dname != "fp32-ieee":  # no dot: the precision does not matter
                         rec.call(
-                            f"prologue_bwd {tag}", brc._prologue_bwd_triton, empty(x.shape, dtype, cl), x, scale, shift
+                            f"prologue_bwd {tag}", brt._prologue_bwd_triton, empty(x.shape, dtype, cl), x, scale, shift
                         )
 
     if select("batchnorm"):

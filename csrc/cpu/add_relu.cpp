@@ -13,6 +13,8 @@
 
 #include <tuple>
 
+#include "../checks.h"
+
 // The AVX2 mask paths need at::vec's AVX2 Vectorized<float> (8 lanes, convertible to __m256).
 #if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
 #define FASTBLOCKS_AVX2 1
@@ -27,15 +29,6 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kGrainBytes = 2048;  // 16K elements per task: amortizes the fork cost
-
-at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-void check_layout(const at::Tensor& t, const char* name, bool channels_last) {
-  TORCH_CHECK(!channels_last || t.dim() == 4, "fastblocks::add_relu: channels_last needs a 4-D ",
-              name, ", got ", t.dim(), " dimensions");
-}
 
 // ReLU as eager computes it: NaN propagates and -0.0 stays -0.0 (at::vec::maximum(zero, s)
 // returns its second operand when both are zero). The mask bit of an element is !(out <= 0):
@@ -161,11 +154,7 @@ void add_relu_bwd_impl(const scalar_t* g, const uint8_t* mask, scalar_t* gi, int
 
 std::tuple<at::Tensor, at::Tensor> add_relu_fwd_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                     bool channels_last) {
-  TORCH_CHECK(x.sizes() == residual.sizes(), "fastblocks::add_relu: residual shape ",
-              residual.sizes(), " differs from x shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == residual.scalar_type(), "fastblocks::add_relu: residual dtype ",
-              residual.scalar_type(), " differs from x dtype ", x.scalar_type());
-  check_layout(x, "x", channels_last);
+  check_add_relu_fwd(x, residual, channels_last);
   const auto fmt = format_of(channels_last);
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor rc = residual.contiguous(fmt);
@@ -181,12 +170,8 @@ std::tuple<at::Tensor, at::Tensor> add_relu_fwd_cpu(const at::Tensor& x, const a
 }
 
 at::Tensor add_relu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& mask, bool channels_last) {
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1,
-              "fastblocks::add_relu_bwd: mask must be a 1-D uint8 tensor");
-  check_layout(grad_out, "grad_out", channels_last);
+  check_add_relu_bwd(grad_out, mask, channels_last);
   const int64_t n = grad_out.numel();
-  TORCH_CHECK(mask.numel() == (n + 7) / 8, "fastblocks::add_relu_bwd: mask has ", mask.numel(),
-              " bytes, grad_out needs ", (n + 7) / 8);
   const auto fmt = format_of(channels_last);
   const at::Tensor gc = grad_out.contiguous(fmt);
   const at::Tensor mc = mask.contiguous();

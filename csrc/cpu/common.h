@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../checks.h"
+
 namespace fastblocks {
 namespace cpu {
 
@@ -206,9 +208,6 @@ inline Geometry geometry_of(const at::Tensor& x, bool channels_last) {
   return {x.size(0), x.size(1), hw, channels_last || hw == 1, x.size(1) * hw};
 }
 
-inline at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
 
 // x as the kernels read it: itself when it is a channel prefix of a wider NCHW tensor (planes
 // mode; g.xsn set to its image stride), else dense in the chosen layout (a copy if it is not).
@@ -330,38 +329,8 @@ inline PlaneTile plane_tile(const Tiling& t, int64_t tile) {
 }
 
 // ----------------------------------------------------------------------------- checks and ops
-inline at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline void check_x(const at::Tensor& x, const char* op, bool channels_last) {
-  TORCH_CHECK(x.dim() >= 2, "fastblocks::", op, ": x must be [N, C, ...] (at least 2-D), got shape ", x.sizes());
-  TORCH_CHECK(!channels_last || x.dim() == 4, "fastblocks::", op, ": channels_last needs a 4-D x, got shape ",
-              x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, "fastblocks::", op,
-              ": x must be float16, bfloat16, float32 or float64, got ", dt);
-}
-
-inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "fastblocks::", op, ": ", name, " has shape ", t.sizes(),
-              " but x has shape ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastblocks::", op, ": ", name, " has dtype ", t.scalar_type(),
-              " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "fastblocks::", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
-// A per-channel vector: 1-D [C], float32 (float64 for double x), on x's device; made contiguous.
-inline at::Tensor channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), "fastblocks::", op, ": ", name,
-              " must be 1-D with one element per channel of x (", x.size(1), "), got shape ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == acc_type_of(x), "fastblocks::", op, ": ", name, " must have dtype ",
-              acc_type_of(x), " for x of dtype ", x.scalar_type(), ", got ", v.scalar_type());
-  TORCH_CHECK(v.device() == x.device(), "fastblocks::", op, ": ", name, " is on ", v.device(), " but x is on ",
-              x.device());
-  return v.contiguous();
-}
+// The argument checks (check_x, check_like_x, channel_vector, ...) are csrc/checks.h, shared
+// with the CUDA host glue.
 
 // Calls f(std::bool_constant<relu>, std::bool_constant<residual>).
 template <typename F>
@@ -382,7 +351,6 @@ void dispatch_flags(bool relu, bool res, const F& f) {
 }
 
 
-inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // ----------------------------------------------------------------------------- BN-ReLU values
 // Transform n consecutive elements of x (params: one per element when p_step == 1, else one for

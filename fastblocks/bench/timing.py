@@ -48,11 +48,6 @@ class Timing:
     method: str = "perf_counter"
     first_call_ms: float = math.nan
 
-    @property
-    def min_ms(self) -> float:
-        """The fastest sample."""
-        return min(self.samples_ms)
-
     def as_dict(self) -> dict:
         """JSON-able form (samples rounded to 4 significant digits)."""
         d = asdict(self)

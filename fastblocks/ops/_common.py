@@ -65,6 +65,11 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def empty0(ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The placeholder for an output that was not asked for (custom ops return tensors)."""
+    return ref.new_empty((0,), dtype=dtype or ref.dtype)
+
+
 def flat_in_memory_order(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """The elements of a dense ``t`` as a 1-D tensor in the order they lie in memory."""
     if channels_last:

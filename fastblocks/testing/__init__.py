@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from fastblocks import _backend
-
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b|`` in float64 (NaN where both are NaN count as equal); 0.0 for empty tensors."""
@@ -49,11 +47,6 @@ def assert_close_to_reference(
         raise AssertionError(
             f"{name}: fused error {err_fused:.3e} exceeds {factor} x eager error {err_eager:.3e} + {atol:.1e}"
         )
-
-
-def backends_for(op: str, device: str = "cpu") -> list[str]:
-    """Backends that can run ``op`` on ``device`` in this process."""
-    return [b for b, reason in _backend.availability(op, device).items() if reason is None]
 
 
 def saved_tensor_bytes(fn, *args, exclude=(), **kwargs) -> tuple[object, int]:

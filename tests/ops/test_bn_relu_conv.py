@@ -16,13 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import fastblocks
-from fastblocks.ops.bn_relu_conv import (
-    _make_conv,
-    _triton_covers,
-    _wgrad_triton,
-    bn_relu_conv2d,
-    bn_relu_conv2d_reference,
-)
+from fastblocks.ops._bn_relu_conv_triton import _wgrad_triton, covers
+from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv2d_reference, make_conv
 from fastblocks.testing import assert_close_to_reference, saved_tensor_bytes
 from tests.helpers import (
     CUDA_BACKENDS,
@@ -204,7 +199,7 @@ def test_uncovered_shapes_fall_back(case, conv, device, backend):
     x, scale, shift, weight = _inputs(case, torch.float32, device=device)
     weight = weight[:, : c // conv.get("groups", 1)].contiguous()
     kwargs = {"stride": stride, "padding": padding, **conv}
-    assert not _triton_covers(x, weight, _make_conv(stride, padding, conv.get("dilation", 1), conv.get("groups", 1)))
+    assert not covers(x, weight, make_conv(stride, padding, conv.get("dilation", 1), conv.get("groups", 1)))
     _check_against_reference(backend, (x, scale, shift, weight), torch.float32, **kwargs)
     leaves = [t.clone().requires_grad_() for t in (x, scale, shift, weight)]
     with fastblocks.use_backend(backend):
@@ -227,7 +222,7 @@ def test_wgrad_split_k_matches(device):
     case = (2, 8, 12, 7, 7, 3, 1, 1)
     x, scale, shift, weight = _inputs(case, torch.float32, device=device)
     gy = torch.randn(2, 12, 7, 7).to(device)
-    conv = _make_conv(1, 1, 1, 1)
+    conv = make_conv(1, 1, 1, 1)
     splits = [1, 3] if device == "cpu" else [1, 3, None]  # None: the GPU's own split (from its SM count)
     expected = torch.nn.grad.conv2d_weight(
         torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)), weight.shape, gy, 1, 1
