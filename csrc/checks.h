@@ -1,11 +1,12 @@
-// Argument checks shared by the CPU kernels (csrc/cpu/) and the CUDA host glue
-// (csrc/cuda/ops_cuda.cpp): one definition, so both devices reject the same inputs with the same
-// message, which names the op and the argument. Host code only (ATen), no kernels.
+// Argument checks and host helpers shared by the CPU kernels (csrc/cpu/) and the CUDA side
+// (csrc/cuda/ops_cuda.cpp, batchnorm.cu): one definition, so both devices reject the same inputs
+// with the same message, which names the op and the argument. Host code only (ATen), no kernels.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <type_traits>
 
 namespace fastblocks {
 
@@ -77,12 +78,75 @@ inline at::Tensor channel_vector(const at::Tensor& v, const char* name, const at
   return v.contiguous();
 }
 
-// The residual checked against x and laid out in fmt, or an undefined tensor (none).
-inline at::Tensor residual_operand(const std::optional<at::Tensor>& residual, const at::Tensor& x, const char* op,
-                                   at::MemoryFormat fmt) {
-  if (!has(residual)) return at::Tensor();
-  check_like_x(*residual, "residual", x, op);
-  return residual->contiguous(fmt);
+// The argument checks of the four BatchNorm kernel schemas (csrc/ops.cpp), one function per
+// schema for both devices: the per-channel operands come back checked and contiguous.
+struct BnApplyArgs {
+  at::Tensor scale, shift;
+  bool has_res;
+};
+
+inline BnApplyArgs check_bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                  const std::optional<at::Tensor>& residual, bool channels_last) {
+  constexpr const char* op = "bn_apply";
+  check_x(x, op, channels_last);
+  BnApplyArgs out{channel_vector(scale, "scale", x, op), channel_vector(shift, "shift", x, op), has(residual)};
+  if (out.has_res) check_like_x(*residual, "residual", x, op);
+  return out;
 }
+
+struct BnBwdReduceArgs {
+  at::Tensor mean, scale, shift;
+  bool has_res;
+};
+
+inline BnBwdReduceArgs check_bn_bwd_reduce(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                                           const at::Tensor& scale, const at::Tensor& shift,
+                                           const std::optional<at::Tensor>& residual, bool channels_last,
+                                           const char* op = "bn_bwd_reduce") {
+  check_x(x, op, channels_last);
+  check_like_x(grad_y, "grad_y", x, op);
+  BnBwdReduceArgs out{channel_vector(mean, "mean", x, op), channel_vector(scale, "scale", x, op),
+                      channel_vector(shift, "shift", x, op), has(residual)};
+  if (out.has_res) check_like_x(*residual, "residual", x, op);
+  return out;
+}
+
+struct BnBwdApplyArgs {
+  at::Tensor scale, shift, a, b, c;
+  bool has_res;
+};
+
+inline BnBwdApplyArgs check_bn_bwd_apply(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale,
+                                         const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                                         const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                         bool channels_last) {
+  constexpr const char* op = "bn_bwd_apply";
+  check_x(x, op, channels_last);
+  check_like_x(grad_y, "grad_y", x, op);
+  BnBwdApplyArgs out{channel_vector(scale, "scale", x, op), channel_vector(shift, "shift", x, op),
+                     channel_vector(a, "a", x, op),         channel_vector(b, "b", x, op),
+                     channel_vector(c, "c", x, op),         has(residual)};
+  if (out.has_res) check_like_x(*residual, "residual", x, op);
+  return out;
+}
+
+// Calls f(std::bool_constant<relu>, std::bool_constant<residual>): the four kernel instances.
+template <typename F>
+void dispatch_flags(bool relu, bool res, const F& f) {
+  if (relu) {
+    if (res) {
+      f(std::true_type{}, std::true_type{});
+    } else {
+      f(std::true_type{}, std::false_type{});
+    }
+  } else {
+    if (res) {
+      f(std::false_type{}, std::true_type{});
+    } else {
+      f(std::false_type{}, std::false_type{});
+    }
+  }
+}
+
 
 }  // namespace fastblocks

@@ -58,12 +58,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_fwd_cpu(const at::Tensor& x, bool ch
 
 at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                         const std::optional<at::Tensor>& residual, bool relu, bool channels_last) {
-  constexpr const char* op = "bn_apply";
-  check_x(x, op, channels_last);
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
-  const bool has_res = residual.has_value() && residual->defined();
-  if (has_res) check_like_x(*residual, "residual", x, op);
+  const auto [sc, sh, has_res] = check_bn_apply(x, scale, shift, residual, channels_last);
   const auto fmt = format_of(channels_last);
   at::Tensor y = at::empty(x.sizes(), x.options(), fmt);
   if (x.numel() == 0) return y;
@@ -85,14 +80,7 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cpu(const at::Tensor& grad_y, c
                                                      const at::Tensor& mean, const at::Tensor& scale,
                                                      const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                                                      bool relu, bool channels_last) {
-  constexpr const char* op = "bn_bwd_reduce";
-  check_x(x, op, channels_last);
-  check_like_x(grad_y, "grad_y", x, op);
-  const at::Tensor mu = channel_vector(mean, "mean", x, op);
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
-  const bool has_res = residual.has_value() && residual->defined();
-  if (has_res) check_like_x(*residual, "residual", x, op);
+  const auto [mu, sc, sh, has_res] = check_bn_bwd_reduce(grad_y, x, mean, scale, shift, residual, channels_last);
   const auto fmt = format_of(channels_last);
   Geometry g = geometry_of(x, channels_last);
   at::Tensor sum_g = at::zeros({g.C}, x.options().dtype(acc_type_of(x)));
@@ -116,16 +104,8 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cpu(const at::Tensor& grad_y, c
 at::Tensor bn_bwd_apply_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
                             const at::Tensor& b, const at::Tensor& c, bool relu, bool channels_last) {
-  constexpr const char* op = "bn_bwd_apply";
-  check_x(x, op, channels_last);
-  check_like_x(grad_y, "grad_y", x, op);
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
-  const at::Tensor av = channel_vector(a, "a", x, op);
-  const at::Tensor bv = channel_vector(b, "b", x, op);
-  const at::Tensor cv = channel_vector(c, "c", x, op);
-  const bool has_res = residual.has_value() && residual->defined();
-  if (has_res) check_like_x(*residual, "residual", x, op);
+  const auto [sc, sh, av, bv, cv, has_res] =
+      check_bn_bwd_apply(grad_y, x, scale, shift, residual, a, b, c, channels_last);
   const auto fmt = format_of(channels_last);
   at::Tensor dx = at::empty(x.sizes(), x.options(), fmt);
   if (x.numel() == 0) return dx;

@@ -332,26 +332,6 @@ inline PlaneTile plane_tile(const Tiling& t, int64_t tile) {
 // The argument checks (check_x, check_like_x, channel_vector, ...) are csrc/checks.h, shared
 // with the CUDA host glue.
 
-// Calls f(std::bool_constant<relu>, std::bool_constant<residual>).
-template <typename F>
-void dispatch_flags(bool relu, bool res, const F& f) {
-  if (relu) {
-    if (res) {
-      f(std::true_type{}, std::true_type{});
-    } else {
-      f(std::true_type{}, std::false_type{});
-    }
-  } else {
-    if (res) {
-      f(std::false_type{}, std::true_type{});
-    } else {
-      f(std::false_type{}, std::false_type{});
-    }
-  }
-}
-
-
-
 // ----------------------------------------------------------------------------- BN-ReLU values
 // Transform n consecutive elements of x (params: one per element when p_step == 1, else one for
 // all) into a = relu(round(fma(x, s, b))) in the accumulation type: bn_apply's arithmetic.

@@ -22,6 +22,7 @@
 // is !(y <= 0) on that rounded y (threshold_backward's rule). The fma is explicit so the mask
 // rebuilt in backward is bit-identical to the forward's ReLU, and equal to the CPU kernels'.
 #include "kernels.h"
+#include "../checks.h"
 
 #include <ATen/Dispatch.h>
 
@@ -458,24 +459,6 @@ bool aligned16(std::initializer_list<const void*> ptrs) {
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
-}
-
-// Calls f(std::bool_constant<relu>, std::bool_constant<residual>).
-template <typename F>
-void dispatch_flags(bool relu, bool res, const F& f) {
-  if (relu) {
-    if (res) {
-      f(std::true_type{}, std::true_type{});
-    } else {
-      f(std::true_type{}, std::false_type{});
-    }
-  } else {
-    if (res) {
-      f(std::false_type{}, std::true_type{});
-    } else {
-      f(std::false_type{}, std::false_type{});
-    }
-  }
 }
 
 template <typename scalar_t>

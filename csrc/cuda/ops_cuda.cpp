@@ -56,13 +56,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_fwd_cuda(const at::Tensor& x, bool c
 
 at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                          const std::optional<at::Tensor>& residual, bool relu, bool channels_last) {
-  constexpr const char* op = "bn_apply";
-  check_x(x, op, channels_last);
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const auto [sc, sh, has_res] = check_bn_apply(x, scale, shift, residual, channels_last);
   const auto fmt = format_of(channels_last);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor rc = residual_operand(residual, x, op, fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor y = at::empty_like(xc, fmt);
   cuda::bn_apply_launch(xc, sc, sh, rc, relu, channels_last, y, c10::cuda::getCurrentCUDAStream());
@@ -74,15 +71,10 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cuda(const at::Tensor& grad_y, 
                                                       const at::Tensor& shift,
                                                       const std::optional<at::Tensor>& residual, bool relu,
                                                       bool channels_last) {
-  constexpr const char* op = "bn_bwd_reduce";
-  check_x(x, op, channels_last);
-  check_like_x(grad_y, "grad_y", x, op);
-  const at::Tensor mu = channel_vector(mean, "mean", x, op);
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const auto [mu, sc, sh, has_res] = check_bn_bwd_reduce(grad_y, x, mean, scale, shift, residual, channels_last);
   const auto fmt = format_of(channels_last);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor rc = residual_operand(residual, x, op, fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
   // Zero-filled: an empty batch sums to 0 without a launch of ours.
   at::Tensor sum_g = at::zeros({x.size(1)}, x.options().dtype(acc_type_of(x)));
   at::Tensor sum_gx = at::zeros({x.size(1)}, x.options().dtype(acc_type_of(x)));
@@ -97,17 +89,11 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_cuda(const at::Tensor& grad_y, 
 at::Tensor bn_bwd_apply_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale,
                              const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
                              const at::Tensor& b, const at::Tensor& c, bool relu, bool channels_last) {
-  constexpr const char* op = "bn_bwd_apply";
-  check_x(x, op, channels_last);
-  check_like_x(grad_y, "grad_y", x, op);
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
-  const at::Tensor av = channel_vector(a, "a", x, op);
-  const at::Tensor bv = channel_vector(b, "b", x, op);
-  const at::Tensor cv = channel_vector(c, "c", x, op);
+  const auto [sc, sh, av, bv, cv, has_res] =
+      check_bn_bwd_apply(grad_y, x, scale, shift, residual, a, b, c, channels_last);
   const auto fmt = format_of(channels_last);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor rc = residual_operand(residual, x, op, fmt);
+  const at::Tensor rc = has_res ? residual->contiguous(fmt) : at::Tensor();
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor gc = grad_y.contiguous(fmt);
   at::Tensor dx = at::empty_like(xc, fmt);

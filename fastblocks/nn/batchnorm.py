@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastblocks.ops._bn_core import module_step
 from fastblocks.ops.batchnorm import batch_norm_act, sync_batch_norm_act
 
 
@@ -71,12 +72,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(x)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
+        bn_training, running_mean, running_var = module_step(self, x.shape)
         if self._sync():
             return sync_batch_norm_act(
                 x, self.weight, self.bias, running_mean, running_var,

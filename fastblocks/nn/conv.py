@@ -17,7 +17,8 @@ from torch import nn
 
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.fold import FoldedConv2d
-from fastblocks.ops._bn_core import momentum_factor, update_running_stats
+from fastblocks.ops._bn_core import module_step, momentum_factor, update_running_stats
+from fastblocks.ops._common import acc_dtype
 from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv_with_batch_norm, cpu_whole_layer_available
 from fastblocks.ops.bn_relu_conv_bn_add_relu import bn_relu_conv_bn_add_relu2d
@@ -48,15 +49,11 @@ def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor
     Returns:
         ``(scale, shift)``, each ``[C]`` float32 (float64 for float64 x).
     """
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    use_batch, _, _ = module_step(bn, x.shape)
+    cd = acc_dtype(x.dtype)
     if use_batch and x.numel() == 0:
         mean = var = torch.zeros(x.shape[1], dtype=cd, device=x.device)
     elif use_batch:
-        if x.numel() // x.shape[1] == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         mean, var = bn_stats(x)
         if bn.training and bn.track_running_stats:
             update_running_stats(
@@ -102,13 +99,10 @@ def bn_relu_conv_bn_add_relu(
     dtype = _autocast_dtype(x)
     x = x.to(dtype)
     scale, shift = batch_norm_affine(x, bn)
-    if bn_out.training and bn_out.track_running_stats and bn_out.num_batches_tracked is not None:
-        bn_out.num_batches_tracked.add_(1)
-    use_batch = bn_out.training or (bn_out.running_mean is None and bn_out.running_var is None)
-    track = not bn_out.training or bn_out.track_running_stats
+    use_batch, running_mean, running_var = module_step(bn_out, None)  # the op checks the batch
     return bn_relu_conv_bn_add_relu2d(
         x, scale, shift, conv.weight.to(dtype), identity.to(dtype), bn_out.weight, bn_out.bias,
-        bn_out.running_mean if track else None, bn_out.running_var if track else None,
+        running_mean, running_var,
         training=use_batch, momentum=bn_out.momentum, eps=bn_out.eps, num_batches_tracked=bn_out.num_batches_tracked,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
     )  # fmt: skip
@@ -156,11 +150,7 @@ def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> torch.
 def _bn_relu_conv_whole(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
     """bn_relu_conv as one node on the CPU (see ``bn_relu_conv_with_batch_norm``), with
     :func:`batch_norm_affine`'s BatchNorm rules."""
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if use_batch and x.numel() // x.shape[1] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+    use_batch, _, _ = module_step(bn, x.shape)
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     if use_batch:
         rm, rv = (bn.running_mean, bn.running_var) if update else (None, None)
@@ -207,16 +197,8 @@ def _batch_norm_tail(
     y: torch.Tensor, bn: nn.BatchNorm2d, relu: bool, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``act(bn(y) [+ residual])`` on the fused BatchNorm op, with ``nn.BatchNorm2d``'s running-stat rules."""
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if bn_training and y.numel() and y.numel() // y.shape[1] <= 1:
-        # Checked before num_batches_tracked moves, so a rejected batch leaves the buffers as they were.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    # In training without track_running_stats the buffers (if any) are neither used nor updated.
-    track = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if track else None
-    running_var = bn.running_var if track else None
+    # The batch is checked before num_batches_tracked moves: a rejected batch leaves the buffers as they were.
+    bn_training, running_mean, running_var = module_step(bn, y.shape)
     kwargs = {
         "momentum": bn.momentum, "eps": bn.eps, "relu": relu, "residual": residual,
         "num_batches_tracked": bn.num_batches_tracked,

@@ -13,7 +13,8 @@ bottleneck tail, the dense block, the transition, the stem) takes from here:
   the combination of partial statistics (:func:`fastblocks.ops._common.combine_partials`);
 - the module rules of ``nn.BatchNorm2d``: the "more than 1 value per channel" check
   (:func:`check_train_batch`), ``num_batches_tracked`` and the momentum factor
-  (:func:`momentum_factor`, :meth:`BatchNormParams.step`), the running-statistics update with
+  (:func:`momentum_factor`, :meth:`BatchNormParams.step`, :func:`module_step` for modules), the
+  running-statistics update with
   the unbiased variance (:func:`update_running_stats`, :meth:`BatchNormParams.update_running`);
 - synchronized BatchNorm: the process group of a set of norms (:func:`sync_group`), global
   statistics by one all_gather (:func:`global_stats`), the backward sums summed over the ranks
@@ -308,6 +309,29 @@ def check_train_batch(shape: Sequence[int], training: bool, *, allow_empty: bool
     numel = math.prod(shape)
     if training and not (allow_empty and numel == 0) and numel // shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+
+
+def module_step(
+    bn: torch.nn.modules.batchnorm._BatchNorm, shape: Sequence[int] | None
+) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """``nn.BatchNorm2d.forward``'s rules for one fused call on an input of ``shape`` (``[N, C, ...]``).
+
+    Checks the batch (more than one value per channel when batch statistics are used; an empty
+    batch passes) unless ``shape`` is None (the op checks it), then increments
+    ``num_batches_tracked`` in training when the module tracks running statistics.
+
+    Returns:
+        ``(use_batch, running_mean, running_var)``: whether batch statistics normalize (training,
+        or no running buffers), and the buffers to read or update (``None`` in training without
+        ``track_running_stats``: neither used nor updated).
+    """
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if shape is not None:
+        check_train_batch(shape, use_batch, allow_empty=True)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    track = not bn.training or bn.track_running_stats
+    return use_batch, (bn.running_mean if track else None), (bn.running_var if track else None)
 
 
 def check_vector(v: torch.Tensor | None, name: str, x: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fastblocks import _backend
-from fastblocks.ops._bn_core import dx_coefficients, kernels_for, scale_shift, update_running_stats
+from fastblocks.ops._bn_core import check_train_batch, dx_coefficients, kernels_for, scale_shift, update_running_stats
 from fastblocks.ops._common import acc_dtype, check_like, check_tensor, is_channels_last
 from fastblocks.ops.batchnorm import batch_norm_act, batch_norm_act_reference
 from fastblocks.ops.bn_relu_conv import (
@@ -196,8 +196,7 @@ def _check_second_bn(
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError("eval mode needs running_mean and running_var (or use training=True)")
-    if training and out_shape[0] * out_shape[2] * out_shape[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {out_shape}")
+    check_train_batch(out_shape, training, allow_empty=True)
 
 
 def bn_relu_conv_bn_add_relu2d(

@@ -20,17 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from fastblocks import _backend
-from fastblocks.ops._bn_core import (
-    COMPILED,
-    BatchNormParams,
-    check_train_batch,
-    dx_coefficients,
-    global_stats,
-    kernels_for,
-    scale_shift,
-    sync_group,
-    synced_sums,
-)
+from fastblocks.ops import _bn_core
 from fastblocks.ops._common import (
     acc_dtype,
     cast_weight,
@@ -42,7 +32,7 @@ from fastblocks.ops._common import (
     schemas_defined,
 )
 
-_backend.register_op(_backend.OpSpec(name="stem", triton=True, compiled=COMPILED))
+_backend.register_op(_backend.OpSpec(name="stem", triton=True, compiled=_bn_core.COMPILED))
 
 
 def _pool_kernels(device: torch.device) -> bool:
@@ -58,7 +48,7 @@ class _StemFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var, group):
-        kern = kernels_for("stem", x.device)
+        kern = _bn_core.kernels_for("stem", x.device)
         c = F.conv2d(x, conv_weight, stride=2, padding=3)
         cl = is_channels_last(c)
         sd = acc_dtype(c.dtype)
@@ -66,10 +56,10 @@ class _StemFunction(torch.autograd.Function):
         if training:
             mean, var = kern.stats(c, cl)
             if group is not None:
-                mean, var, total = global_stats(mean, var, c.numel() // c.shape[1], group)
+                mean, var, total = _bn_core.global_stats(mean, var, c.numel() // c.shape[1], group)
         else:
             mean, var = running_mean.to(sd), running_var.to(sd)
-        scale, shift, _ = scale_shift(mean, var, weight, bias, eps)
+        scale, shift, _ = _bn_core.scale_shift(mean, var, weight, bias, eps)
         if _pool_kernels(c.device):
             # One pass: BN-ReLU-maxpool, keeping which window position won (1 byte per output).
             out, winners = torch.ops.fastblocks.stem_pool_fwd.default(c, scale, shift, cl)
@@ -87,10 +77,10 @@ class _StemFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _gm, _gv, _gt):
         x, conv_weight, weight, bias, mean, var, winners = ctx.saved_tensors
         cl = ctx.channels_last
-        kern = kernels_for("stem", x.device)
+        kern = _bn_core.kernels_for("stem", x.device)
         with no_autocast(x.device.type):
             c = F.conv2d(x, conv_weight, stride=2, padding=3)
-            scale, shift, invstd = scale_shift(mean, var, weight, bias, ctx.eps)
+            scale, shift, invstd = _bn_core.scale_shift(mean, var, weight, bias, ctx.eps)
             if winners is not None:
                 da = torch.ops.fastblocks.stem_pool_bwd.default(grad_out, winners, c.shape[2], c.shape[3], cl)
             else:
@@ -101,8 +91,8 @@ class _StemFunction(torch.autograd.Function):
                 )
                 del a, idx
             sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
-            sums = synced_sums(sum_g, sum_gx, c, ctx.group, ctx.total)
-            ca, cb, cc = dx_coefficients(weight, mean, invstd, *sums, ctx.training)
+            sums = _bn_core.synced_sums(sum_g, sum_gx, c, ctx.group, ctx.total)
+            ca, cb, cc = _bn_core.dx_coefficients(weight, mean, invstd, *sums, ctx.training)
             dc = kern.bwd_apply(da, c, scale, shift, None, ca, cb, cc, True, cl)
             del da, c
             dx, dconv, _ = torch.ops.aten.convolution_backward(
@@ -115,7 +105,7 @@ class _StemFunction(torch.autograd.Function):
 
 
 def stem_reference(
-    x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
+    x: torch.Tensor, conv_weight: torch.Tensor, norm: _bn_core.BatchNormParams, *, training: bool
 ) -> torch.Tensor:
     """The specification: torchvision's stem (conv 7x7/2 pad 3, BN, ReLU, max pool 3x3/2 pad 1)."""
     factor = norm.step(training)
@@ -127,7 +117,7 @@ def stem_reference(
 
 
 def stem_conv_bn_relu_pool(
-    x: torch.Tensor, conv_weight: torch.Tensor, norm: BatchNormParams, *, training: bool
+    x: torch.Tensor, conv_weight: torch.Tensor, norm: _bn_core.BatchNormParams, *, training: bool
 ) -> torch.Tensor:
     """ImageNet stem ``maxpool3x3/2(relu(bn(conv7x7/2(x))))`` saving only x (and, on the CPU, the
     max-pool's winners: one byte per output) for backward.
@@ -159,12 +149,12 @@ def stem_conv_bn_relu_pool(
     if not training and (norm.running_mean is None or norm.running_var is None):
         raise ValueError("stem norm has no running statistics: eval mode needs them")
     h1, w1 = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1  # the conv's output size
-    check_train_batch(((x.shape[0], conv_weight.shape[0], h1, w1)), training)
+    _bn_core.check_train_batch((x.shape[0], conv_weight.shape[0], h1, w1), training)
     cd = compute_dtype_of(x)
     w = cast_weight(conv_weight, x, cd, "conv_weight")
     xc = x.to(cd)
     rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
-    group = sync_group([norm], training)
+    group = _bn_core.sync_group([norm], training)
     with no_autocast(x.device.type):
         out, mean, var, total = _StemFunction.apply(
             xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv, group
