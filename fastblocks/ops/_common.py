@@ -12,11 +12,12 @@ kernel's ``channels_last`` argument is true, else contiguous (:func:`fake_like`)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from fastblocks import _ext
+from fastblocks import _backend, _ext
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,6 +84,50 @@ def unflatten_memory_order(flat: torch.Tensor, shape: torch.Size, channels_last:
         n, c, h, w = shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(shape)
+
+
+def eager_function(
+    name: str,
+    forward: Callable[..., Any],
+    setup_context: Callable[[Any, tuple, Any], None],
+    backward: Callable[..., Any],
+    *,
+    non_differentiable: Callable[[tuple, Any], Sequence[torch.Tensor]] = lambda inputs, output: (),
+    materialize_grads: bool = True,
+    once_differentiable: bool = True,
+) -> type[torch.autograd.Function]:
+    """The eager fast path of a registered op, built from the op's own pieces.
+
+    A plain eager call (:func:`eager_path`) skips the custom-op dispatch (argument defaulting,
+    redispatch), which costs more Python per call than a small kernel. The returned
+    ``torch.autograd.Function`` runs ``forward(*inputs)`` (the op's implementation on the backend
+    ``_backend.resolve`` picks), then the op's ``setup_context(ctx, inputs, output)``, marks
+    ``non_differentiable(inputs, output)``, and runs ``backward(ctx, *grads)`` under the backend
+    its forward was forced to (``_backend.backward_on_forward_backend``). ``once_differentiable``:
+    a double backward raises (else ``backward`` must build a differentiable graph, e.g. by calling
+    registered ops when grad mode is on). ``materialize_grads=False``: absent gradients reach
+    ``backward`` as ``None``.
+    """
+
+    def fwd(ctx: Any, *inputs: Any) -> Any:
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        frozen = non_differentiable(inputs, output)
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        if not materialize_grads:
+            ctx.set_materialize_grads(False)
+        return output
+
+    bwd = _backend.backward_on_forward_backend(backward)
+    if once_differentiable:
+        bwd = torch.autograd.function.once_differentiable(bwd)
+    doc = f"The eager fast path of ``fastblocks::{name}`` (see :func:`fastblocks.ops._common.eager_function`)."
+    return type(
+        f"_{name}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc},
+    )
 
 
 def eager_path(x: torch.Tensor) -> bool:

@@ -29,6 +29,7 @@ from fastblocks import _backend, _ext
 from fastblocks.ops._common import (
     check_like,
     check_tensor,
+    eager_function,
     eager_path,
     flat_in_memory_order,
     is_channels_last,
@@ -225,29 +226,26 @@ _add_relu_op.register_autograd(_backward, setup_context=_setup_context)
 _add_relu_backward_op.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
 
 
-class _AddReLUFunction(torch.autograd.Function):
-    """``fastblocks::add_relu`` for plain eager calls: the same launchers without the custom-op
-    dispatch, whose Python overhead is of the order of the kernel itself on a CPU."""
+def _backward_direct(ctx, grad_out, _grad_mask):
+    if grad_out is None:
+        return None, None
+    (mask,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: the registered op carries the double backward
+        grad = _add_relu_backward_op(grad_out, mask, ctx.channels_last)
+    else:
+        grad = _BWD[_backend.resolve("add_relu", grad_out.device)](grad_out, mask, ctx.channels_last)
+    return grad, grad
 
-    @staticmethod
-    def forward(ctx, x, residual):
-        out, mask = _FWD[_backend.resolve("add_relu", x.device)](x, residual, is_channels_last(x))
-        _setup_context(ctx, (x, residual), (out, mask))
-        ctx.mark_non_differentiable(mask)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the (n/8-byte) mask
-        return out, mask
 
-    @staticmethod
-    @_backend.backward_on_forward_backend
-    def backward(ctx, grad_out, _grad_mask):
-        if grad_out is None:
-            return None, None
-        (mask,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the registered op carries the double backward
-            grad = _add_relu_backward_op(grad_out, mask, ctx.channels_last)
-        else:
-            grad = _BWD[_backend.resolve("add_relu", grad_out.device)](grad_out, mask, ctx.channels_last)
-        return grad, grad
+_AddReLUFunction = eager_function(
+    "add_relu",
+    lambda x, residual: _FWD[_backend.resolve("add_relu", x.device)](x, residual, is_channels_last(x)),
+    _setup_context,
+    _backward_direct,
+    non_differentiable=lambda inputs, output: output[1:],  # the mask
+    materialize_grads=False,  # no zero-filled gradient for the (n/8-byte) mask
+    once_differentiable=False,
+)
 
 
 if _ext.loaded():

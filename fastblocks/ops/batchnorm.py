@@ -73,6 +73,7 @@ from fastblocks.ops._common import (
     acc_dtype,
     check_like,
     check_tensor,
+    eager_function,
     eager_path,
     fake_channel_vectors,
     fake_like,
@@ -275,26 +276,13 @@ def _apply_direct(grad_y, x, scale, shift, residual, a, b, c, relu):
     return k.bwd_apply(grad_y, x, scale, shift, residual, a, b, c, relu, is_channels_last(x))
 
 
-class _BatchNormActFunction(torch.autograd.Function):
-    """``fastblocks::batch_norm_act`` for plain eager calls: the same kernels and formulas as the
-    registered op, without the custom-op dispatch (argument defaulting, redispatch), which costs
-    more Python per call than everything else in the op. See :func:`fastblocks.ops._common.eager_path`."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, eps, relu):
-        y, mean, var = _bn_forward_impl(x, weight, bias, running_mean, running_var, residual, training, eps, relu)
-        _bn_setup_context(
-            ctx, (x, weight, bias, running_mean, running_var, residual, training, eps, relu), (y, mean, var)
-        )
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_backend.backward_on_forward_backend
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        return _bn_backward_impl(ctx, grad_y, _reduce_direct, _apply_direct)
-
+_BatchNormActFunction = eager_function(
+    "batch_norm_act",
+    _bn_forward_impl,
+    _bn_setup_context,
+    lambda ctx, grad_y, _grad_mean, _grad_var: _bn_backward_impl(ctx, grad_y, _reduce_direct, _apply_direct),
+    non_differentiable=lambda inputs, output: output[1:],  # the statistics
+)
 
 _batch_norm_act_op.register_autograd(_bn_backward, setup_context=_bn_setup_context)
 
@@ -489,23 +477,18 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _bn_stats_op(x)
 
 
-class _BNStatsFunction(torch.autograd.Function):
-    """``fastblocks::bn_stats`` for plain eager calls (same kernels, no custom-op dispatch)."""
+def _stats_backward_direct(ctx, grad_mean, grad_var):
+    x, mean = ctx.saved_tensors
+    scale, shift = _stats_backward_coefficients(x, mean, grad_mean, grad_var)
+    return kernels_for("scale_shift_act", x.device).apply(x, scale, shift, None, False, is_channels_last(x))
 
-    @staticmethod
-    def forward(ctx, x):
-        mean, var = kernels_for("bn_stats", x.device).stats(x, is_channels_last(x))
-        _stats_setup_context(ctx, (x,), (mean, var))
-        return mean, var
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_backend.backward_on_forward_backend
-    def backward(ctx, grad_mean, grad_var):
-        x, mean = ctx.saved_tensors
-        scale, shift = _stats_backward_coefficients(x, mean, grad_mean, grad_var)
-        k = kernels_for("scale_shift_act", x.device)
-        return k.apply(x, scale, shift, None, False, is_channels_last(x))
+_BNStatsFunction = eager_function(
+    "bn_stats",
+    lambda x: kernels_for("bn_stats", x.device).stats(x, is_channels_last(x)),
+    _stats_setup_context,
+    _stats_backward_direct,
+)
 
 
 # ----------------------------------------------------------------------------- scale_shift_act

@@ -69,7 +69,15 @@ import torch.nn.functional as F
 from fastblocks import _backend
 from fastblocks.ops import _bn_relu_conv_triton
 from fastblocks.ops._bn_core import COMPILED_KERNELS, Kernels
-from fastblocks.ops._common import acc_dtype, check_tensor, eager_path, empty0, is_channels_last, memory_format
+from fastblocks.ops._common import (
+    acc_dtype,
+    check_tensor,
+    eager_function,
+    eager_path,
+    empty0,
+    is_channels_last,
+    memory_format,
+)
 
 SPEC = _backend.register_op(
     _backend.OpSpec(
@@ -442,29 +450,27 @@ def _backward(ctx, grad_y, grad_sum, grad_sumsq):
 _bn_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _BNReLUConv2dFunction(torch.autograd.Function):
-    """``fastblocks::bn_relu_conv2d`` for plain eager calls: the same launchers and formulas as
-    the registered op without the custom-op dispatch (see ``fastblocks.ops._common.eager_path``)."""
+def _forward_direct(x, scale, shift, weight, stride, padding, dilation, groups, stats):
+    conv = make_conv(stride, padding, dilation, groups)
+    return _FWD[_backend.resolve("bn_relu_conv2d", x.device)](x, scale, shift, weight, conv, stats)
 
-    @staticmethod
-    def forward(ctx, x, scale, shift, weight, stride, padding, dilation, groups, stats):
-        conv = make_conv(stride, padding, dilation, groups)
-        out = _FWD[_backend.resolve("bn_relu_conv2d", x.device)](x, scale, shift, weight, conv, stats)
-        _setup_context(ctx, (x, scale, shift, weight, stride, padding, dilation, groups, stats), out)
-        if not stats:
-            ctx.mark_non_differentiable(out[1], out[2])
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_backend.backward_on_forward_backend
-    def backward(ctx, grad_y, grad_sum, grad_sumsq):
-        prep = _backward_inputs(ctx, grad_y, grad_sum, grad_sumsq)
-        if prep is None:
-            return (None,) * 9
-        g, x, scale, shift, weight, need = prep
-        bwd = _BWD[_backend.resolve("bn_relu_conv2d", x.device)]
-        return _picked(bwd(g, x, scale, shift, weight, make_conv(*ctx.conv), any(need[:3]), need[3]), need)
+def _backward_direct(ctx, grad_y, grad_sum, grad_sumsq):
+    prep = _backward_inputs(ctx, grad_y, grad_sum, grad_sumsq)
+    if prep is None:
+        return (None,) * 9
+    g, x, scale, shift, weight, need = prep
+    bwd = _BWD[_backend.resolve("bn_relu_conv2d", x.device)]
+    return _picked(bwd(g, x, scale, shift, weight, make_conv(*ctx.conv), any(need[:3]), need[3]), need)
+
+
+_BNReLUConv2dFunction = eager_function(
+    "bn_relu_conv2d",
+    _forward_direct,
+    _setup_context,
+    _backward_direct,
+    non_differentiable=lambda inputs, output: () if inputs[-1] else output[1:],  # empty statistics
+)
 
 
 # ----------------------------------------------------------------------------- whole layer, CPU
