@@ -4,13 +4,13 @@
 // CPU without dropout or synchronized statistics: a dozen kernels and two convolution backwards
 // around two dozen per-channel steps, which from Python cost microseconds each per layer
 // (DenseNet-201 has 98). Scale and shift are computed with the same ATen operations as the
-// forward's Python (_scale_shift), so the recomputed ReLU masks are the forward's, bit for bit.
+// forward's Python (_bn_core.scale_shift), so the recomputed ReLU masks are the forward's, bit for bit.
 #include "bn_kernels.h"
 
 namespace fastblocks {
 namespace cpu {
 
-// (scale, shift, invstd) as fastblocks.ops.batchnorm._scale_shift computes them.
+// (scale, shift, invstd) as fastblocks.ops._bn_core.scale_shift computes them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_tensors(const at::Tensor& mean, const at::Tensor& var,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // dense_layer_fwd_: one layer of the dense block's forward (_block_forward), the same conditions
-// and the same operations (scale and shift as _scale_shift, so the backward's recomputation
+// and the same operations (scale and shift as _bn_core.scale_shift, so the backward's recomputation
 // rebuilds the same ReLU masks). Training: writes the bottleneck's batch statistics into
 // mean2/var2 and, with chunk_stats, the new chunk's into mean1/var1[ci:ci+k]; eval: reads the
 // (running) statistics from them. Writes the layer's k new channels into buf[:, ci:ci+k].

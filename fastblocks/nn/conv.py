@@ -17,7 +17,7 @@ from torch import nn
 
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.fold import FoldedConv2d
-from fastblocks.ops._bn_core import module_step, momentum_factor, update_running_stats
+from fastblocks.ops._bn_core import module_step, momentum_factor, scale_shift, update_running_stats
 from fastblocks.ops._common import acc_dtype
 from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv_with_batch_norm, cpu_whole_layer_available
@@ -62,9 +62,7 @@ def batch_norm_affine(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor
             )  # fmt: skip
     else:
         mean, var = bn.running_mean.to(cd), bn.running_var.to(cd)
-    invstd = torch.rsqrt(var + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bn.bias is None else bn.bias.to(invstd.dtype) - mean * scale
+    scale, shift, _ = scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
     return scale, shift
 
 

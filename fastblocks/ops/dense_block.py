@@ -82,7 +82,7 @@ group, each rank holds its share of the batch and every statistic is the global 
 design is unchanged; only the sums cross ranks:
 - forward: each chunk's ``(count, mean, M2)`` ``[3, C]`` is all-gathered once, when the chunk is
   produced, and combined with Chan et al.'s formula (exact and stable, as
-  ``fastblocks.ops.batchnorm._SyncBatchNormAct``); every later norm1 reuses the global chunk
+  ``fastblocks.ops.batchnorm.sync_batch_norm_act``); every later norm1 reuses the global chunk
   statistics. Each bottleneck's norm2 statistics likewise. ``M`` above becomes the global
   count (a 0-d tensor: no host synchronization); the running buffers are updated once, from
   the global statistics and count;

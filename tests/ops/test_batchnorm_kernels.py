@@ -696,3 +696,33 @@ def test_transition_pool_opcheck_and_bad_input():
         ops.transition_pool_bwd(torch.randn(2, 3, 2, 2).double(), x, v, v, v, v, True, False)
     with pytest.raises(RuntimeError, match="invstd must be 1-D"):
         ops.transition_pool_bwd(torch.randn(2, 3, 2, 2), x, v, v, v, v[:1], True, False)
+
+
+# ----------------------------------------------------------------------------- one scale/shift
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_one_call_scale_shift_is_the_python_one_bit_for_bit(dtype, monkeypatch):
+    """scale and shift are written twice, in Python (``_bn_core.scale_shift``, used by every
+    backend) and in C++ (``scale_shift_loop`` of the one-call ``bn_fused_fwd``); they must not
+    drift: the one-call path's output equals the registered op's bit for bit, on random data with
+    and without affine parameters, residual, training and eval, channel counts that exercise the
+    vector loop and its tail."""
+    from fastblocks.ops import batchnorm as bn_ops
+
+    require_compiled_kernels("bn_fused_fwd", dispatch_key="CPU")
+    calls = []
+    real = bn_ops._BatchNormActCPUFunction.apply
+    monkeypatch.setattr(bn_ops._BatchNormActCPUFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        c = 5 + 7 * seed
+        x = (torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64) * (seed + 1) + seed).to(dtype)
+        r = torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64).to(dtype)
+        w, b = (torch.rand(c, generator=g, dtype=cd) + 0.5), torch.randn(c, generator=g, dtype=cd)
+        rm, rv = torch.randn(c, generator=g, dtype=cd), torch.rand(c, generator=g, dtype=cd) + 0.1
+        for affine, training, res in itertools.product((True, False), (True, False), (None, r)):
+            args = (x, w if affine else None, b if affine else None)
+            fused = bn_ops.batch_norm_act(*args, rm.clone(), rv.clone(), training=training, relu=True, residual=res)
+            y, _, _ = bn_ops._batch_norm_act_op(*args, rm.clone(), rv.clone(), res, training, 1e-5, True)
+            assert torch.equal(fused, y), (seed, affine, training, res is not None)
+    assert len(calls) == 12 * 8  # every call above took the one-call path
