@@ -13,36 +13,53 @@ NVCC ?= nvcc
 CUDA_OBJ_DIR ?= build/nvcc-check
 
 STAMP := $(VENV)/.fastblocks-installed
+TEST_STAMP := $(VENV)/.fastblocks-installed-test
+BUILD_INPUTS := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: install run test lint bench cuda-compile clean sm90-compile
+.PHONY: install install-test run test lint bench cuda-compile clean sm90-compile
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-install: $(STAMP)
-
-# Reinstalled (and the extension rebuilt) only when the build inputs change.
-$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h) | $(PY)
+# torch (kept if a recent one is importable) and ninja (the extension's parallel build; with
+# --no-build-isolation it is not installed automatically).
+define install_torch_and_ninja
 	@$(PY) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); \
 	sys.exit(0 if v >= tuple(int(p) for p in '$(TORCH_MIN)'.split('.')) else 1)" 2>/dev/null \
 	  && echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install ninja  # the extension's parallel build (with --no-build-isolation, not automatic)
-	$(PY) -m pip install --no-build-isolation -e ".[all,test]"
+	$(PY) -m pip install ninja
+endef
+
+# `make run` needs the package and the tooling's extras ([all]: matplotlib, tqdm, ...);
+# `make test` also the test extras ([test]: pytest, pytest-benchmark, ruff). Each is reinstalled
+# (and the extension rebuilt) only when the build inputs change.
+install: $(STAMP)
+
+$(STAMP): $(BUILD_INPUTS) | $(PY)
+	$(install_torch_and_ninja)
+	$(PY) -m pip install --no-build-isolation -e ".[all]"
 	@touch $(STAMP)
+
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(BUILD_INPUTS) | $(PY)
+	$(install_torch_and_ninja)
+	$(PY) -m pip install --no-build-isolation -e ".[all,test]"
+	@touch $(STAMP) $(TEST_STAMP)
 
 run: install
 	$(VENV)/bin/fastblocks info
 	$(VENV)/bin/fastblocks bench --quick
 
-test: install lint
+test: install-test lint
 	$(PY) -m pytest
 
-lint: $(PY)
+lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: install
+bench: install-test
 	$(PY) -m pytest benchmarks --benchmark-only
 
 # Compile every CUDA source with the real build's flags (setup.py --print-flags), without CUDA

@@ -2,9 +2,10 @@
 
 Files are named ``bench_*.py`` (collected by the hook below, so the plain ``pytest`` run of the
 tests never picks them up). Every case comes from :mod:`fastblocks.bench.ops`, the same cases
-``fastblocks bench --ops`` runs; rows are also written to
-``benchmarks/results/<device-slug>/<suite>.json`` (``--bench-results DIR`` elsewhere, ``none``
-not at all) with the environment they ran in.
+``fastblocks bench --ops`` runs; rows are also written, with the environment they ran in, to a new
+``runs/bench/<timestamp>/<suite>.json`` (``--bench-results DIR`` elsewhere, ``none`` not at all;
+``--record``: the project's ``benchmarks/results/<device-slug>``). The options are registered in
+the repository's root ``conftest.py`` (with ``pytest --benchmark``).
 
 Without a CUDA device ``TRITON_INTERPRET=1`` is set (as in tests/conftest.py) before Triton is
 imported, so importing fastblocks behaves as in the tests; the fused provider still uses the
@@ -13,11 +14,14 @@ interpreter is a correctness tool and is never timed (``fastblocks.bench.ops.fus
 refuses it).
 
 Options: ``--bench-compile`` also runs the torch.compile providers on the CPU (minutes there).
+After pytest-benchmark's tables, ``pytest_terminal_summary`` prints fastblocks' table (fused
+beside eager, the speed-up per case) and a one-line headline.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -28,22 +32,20 @@ import pytest
 
 import fastblocks  # noqa: F401  (registers the ops)
 from fastblocks.bench import ops as op_bench
+from fastblocks.bench import report
 from fastblocks.bench.env import environment
 from fastblocks.bench.memory import cuda_peak_bytes, saved_bytes
 from fastblocks.bench.rates import yardsticks
-from fastblocks.bench.results import default_output_dir, results_path, write_results
+from fastblocks.bench.results import default_output_dir, results_path, run_output_dir, write_results
 from fastblocks.bench.timing import Timing, synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROWS = pytest.StashKey[dict]()
+WRITTEN = pytest.StashKey[list]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("fastblocks benchmarks")
-    group.addoption("--bench-compile", action="store_true", help="also run torch.compile providers on the CPU")
-    group.addoption(
-        "--bench-results", default=None,
-        help="folder for the JSON results (default benchmarks/results/<device-slug>; 'none': do not write)",
-    )  # fmt: skip
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[WRITTEN] = []
 
 
 def pytest_collect_file(file_path, parent):
@@ -66,13 +68,32 @@ def bench_env() -> dict:
 def _bench_rows(request: pytest.FixtureRequest, bench_env: dict):
     rows: dict[str, list[dict]] = {}
     yield rows
+    request.config.stash[ROWS] = rows
     where = request.config.getoption("--bench-results")
     if where == "none":
         return
-    out = where or default_output_dir(bench_env["device_slug"], os.path.join(os.path.dirname(__file__), "results"))
+    if request.config.getoption("--record"):
+        out = default_output_dir(bench_env["device_slug"], os.path.join(os.path.dirname(__file__), "results"))
+    else:
+        out = Path(where) if where else run_output_dir(Path(str(request.config.rootpath)) / "runs" / "bench")
     for suite, suite_rows in rows.items():
         if suite_rows:
             write_results(results_path(out, suite), suite, bench_env, suite_rows)
+            request.config.stash[WRITTEN].append(results_path(out, suite))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """After pytest-benchmark's tables: ours (fused beside eager, with the speed-up over eager
+    per case), the files written, and the one-line headline."""
+    rows = [r for suite_rows in config.stash.get(ROWS, {}).values() for r in suite_rows]
+    if not rows:
+        return
+    terminalreporter.section("fastblocks: fused vs eager")
+    terminalreporter.write_line(report.tables(rows))
+    for path in config.stash.get(WRITTEN, []):
+        terminalreporter.write_line(f"wrote {path}")
+    terminalreporter.write_line(report.headline(rows, str(DEVICE)))
 
 
 _LAST: dict[tuple, op_bench.Prepared] = {}

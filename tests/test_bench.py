@@ -395,3 +395,86 @@ def test_cli_bench_check_runs_the_accuracy_harness_first(tmp_path, capsys, monke
     out_dir = tmp_path / "second"
     assert cli.main([*base[:-1], str(out_dir)]) == 1
     assert "accuracy check FAILED" in capsys.readouterr().err and not out_dir.exists()
+
+
+# ----------------------------------------------------------------------------- the front door
+def test_user_run_writes_its_own_folder_and_record_writes_the_project_results(tmp_path, monkeypatch, capsys):
+    """A user's run never rewrites the recorded results: without --output it writes a new
+    runs/bench/<timestamp>/; only --record writes benchmarks/results/<slug> and the README tables."""
+    monkeypatch.chdir(tmp_path)
+    base = ["bench", "--ops", "--tiny", "--no-progress", "--no-charts"]
+    assert cli.main(base) == 0
+    runs = list((tmp_path / "runs" / "bench").iterdir())
+    assert len(runs) == 1 and (runs[0] / "ops.json").exists()
+    assert not (tmp_path / "benchmarks").exists()
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("headline, fused vs eager on ")
+
+    assert cli.main([*base, "--record", "--output", str(tmp_path / "x")]) == 2  # one or the other
+    (tmp_path / "README.md").write_text(f"# t\n{BEGIN}\nold\n{END}\n")
+    assert cli.main([*base, "--record"]) == 0
+    recorded = list((tmp_path / "benchmarks" / "results").glob("*/ops.json"))
+    assert len(recorded) == 1
+    text = (tmp_path / "README.md").read_text()
+    assert "old" not in text and "| add_relu |" in text
+    assert "regenerated the README.md benchmark tables" in capsys.readouterr().out
+
+
+def test_progress_is_one_line_per_case_when_not_a_terminal():
+    import io
+
+    from fastblocks.bench.command import _Progress
+
+    log = io.StringIO()  # not a TTY, as a CI log or `make run > file`
+    progress = _Progress(total=2, disable=False, stream=log)
+    progress.step("add_relu 2x8 fused fwd")
+    progress.note("note: something")
+    progress.step("add_relu 2x8 fused full")
+    progress.close()
+    assert log.getvalue().splitlines() == [
+        "[1/2] add_relu 2x8 fused fwd",
+        "note: something",
+        "[2/2] add_relu 2x8 fused full",
+    ]
+    assert "\r" not in log.getvalue()
+
+
+def test_marks_for_cache_resident_and_noisy_rows_and_headline():
+    from fastblocks.bench.report import headline
+
+    rows = [_row("add_relu/fwd/eager/2x8x6x6/float32/nchw", 2.0, pct_copy=326.0),
+            _row("add_relu/fwd/fused/2x8x6x6/float32/nchw", 1.0, pct_copy=90.0)]  # fmt: skip
+    rows[0]["samples_ms"], rows[0]["spread_ms"] = [2.0, 2.1, 9.0], 3.0  # 3 samples, IQR above the median
+    rows[1]["samples_ms"], rows[1]["spread_ms"] = [1.0] * 20, 0.01
+    table = op_table(rows)
+    assert "326 †" in table and "| 90 |" in table
+    assert "(n=3) ~" in table and "(n=20) |" in table
+    line = headline(rows, "Test CPU", "the machine is busy")
+    assert line == (
+        "headline, fused vs eager on Test CPU (speed-up > 1 is faster): ops fwd: median 2.00x over 1 cases "
+        "[WARNING: the machine is busy]"
+    )
+
+
+def _collected(*args: str) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=root, capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    return [line.split("::")[0] for line in out.splitlines() if "::" in line]
+
+
+def test_pytest_benchmark_option_collects_the_benchmarks_only():
+    """``pytest --benchmark`` (root conftest.py) collects benchmarks/, the models suite included;
+    ``pytest`` alone collects tests/ only."""
+    bench = _collected("--benchmark")
+    assert bench and all(path.startswith("benchmarks/bench_") for path in bench)
+    assert "benchmarks/bench_models.py" in bench and "benchmarks/bench_add_relu.py" in bench
+    tests = _collected()
+    assert tests and all(path.startswith("tests/") for path in tests)

@@ -1,8 +1,10 @@
 """``fastblocks bench``: op-level and model-level comparisons against eager PyTorch.
 
-Prints a markdown table, writes ``ops.json`` / ``models.json`` (merged by key, see
-:mod:`fastblocks.bench.results`) and PNG charts into ``--output`` (default
-``benchmarks/results/<device-slug>``).
+Prints a markdown table and a one-line headline, writes ``ops.json`` / ``models.json`` (merged by
+key, see :mod:`fastblocks.bench.results`) and PNG charts into the output folder: ``--output``, else
+a new ``runs/bench/<timestamp>/`` (git ignores ``runs/``). Only ``--record`` writes the project's
+recorded results, ``benchmarks/results/<device-slug>``, and regenerates the README's tables from
+them; a user's run never rewrites them.
 """
 
 from __future__ import annotations
@@ -96,7 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="model-level modes, comma-separated subset of train,infer (default: both)",
     )
-    p.add_argument("--output", default=None, help="results folder (default benchmarks/results/<device-slug>)")
+    p.add_argument("--output", default=None, help="results folder (default: a new runs/bench/<timestamp>/)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write the project's recorded results (benchmarks/results/<device-slug>) and regenerate the "
+        "README's benchmark tables from them (run from the repository root)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU (default: torch's)")
     p.add_argument("--no-charts", action="store_true", help="do not write PNG charts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -118,32 +126,63 @@ def _timing(device_type: str, quick: bool, tiny: bool) -> dict:
 
 
 class _Progress:
-    """A tqdm bar on stderr (plain lines when tqdm is missing or the bar is disabled)."""
+    """Progress on stderr: a tqdm bar on a terminal; elsewhere (a log file, CI) one plain line per
+    case, ``[i/total] case``, since carriage-return bars become one very long line there. Notes
+    are written between the bar's redraws (terminal) or as their own lines (log)."""
 
-    def __init__(self, total: int, disable: bool) -> None:
+    def __init__(self, total: int, disable: bool, stream=None) -> None:
         self.bar = None
-        if not disable:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.done = total, 0
+        self.lines = not disable and not _isatty(self.stream)
+        if not disable and not self.lines:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(total=total, unit="case", file=self.stream, dynamic_ncols=True)
             except ImportError:
-                pass
+                self.lines = True
 
     def step(self, label: str) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.set_postfix_str(label[:60], refresh=False)
             self.bar.update(1)
+        elif self.lines:
+            print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
 
     def note(self, message: str) -> None:
         if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
+            self.bar.write(message, file=self.stream)
         else:
-            print(message, file=sys.stderr)
+            print(message, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _isatty(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _record_readme(results_root: Path) -> str:
+    """``--record``: regenerate README.md's benchmark section (in the working directory) from
+    ``results_root``; returns what happened, for the log."""
+    from fastblocks.bench.report import readme_section, replace_between_markers
+
+    readme = Path("README.md")
+    if not readme.exists():
+        return "README.md not found in the working directory: tables not regenerated"
+    text = readme.read_text()
+    updated = replace_between_markers(text, readme_section(results_root))
+    if updated is None:
+        return "README.md has no benchmark markers: tables not regenerated"
+    if updated == text:
+        return "README.md tables already up to date"
+    readme.write_text(updated)
+    return "regenerated the README.md benchmark tables"
 
 
 def _accuracy_check(device_type: str, *, tiny: bool) -> bool:
@@ -172,8 +211,12 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     from fastblocks.bench.env import busy_warning, contention_warning, cpu_snapshot, environment, summary_line
     from fastblocks.bench.memory import max_rss_bytes
     from fastblocks.bench.rates import yardsticks
-    from fastblocks.bench.results import default_output_dir, results_path, write_results
+    from fastblocks.bench.results import default_output_dir, results_path, run_output_dir, write_results
 
+    if args.record and args.output:
+        print("fastblocks bench: --record writes benchmarks/results/<device-slug>; do not give --output too",
+              file=sys.stderr)  # fmt: skip
+        return 2
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -220,7 +263,10 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
     env = environment(device, command=command)
     env.update(yardsticks(device, small=args.tiny))
-    out_dir = Path(args.output) if args.output else default_output_dir(env["device_slug"])
+    if args.record:
+        out_dir = default_output_dir(env["device_slug"])
+    else:
+        out_dir = Path(args.output) if args.output else run_output_dir()
     print(f"fastblocks bench on {summary_line(env)}")
     busy = busy_warning(env) if not cuda else None
     snapshot = cpu_snapshot()
@@ -303,7 +349,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
     # ------------------------------------------------------------------ write and report
     env["max_rss_bytes"] = max_rss_bytes()
-    if not cuda and not busy and (late := contention_warning(snapshot, env.get("cpu_count"))):
+    late = None if cuda or busy else contention_warning(snapshot, env.get("cpu_count"))
+    if late:
         notes.append(late)
     written: list[Path] = []
     history: list[dict] = []
@@ -324,5 +371,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         print(f"note: {n}")
     for path in written:
         print(f"wrote {path}")
+    if args.record and written:
+        print(_record_readme(out_dir.parent))
     print(f"fastblocks bench: {len(op_rows) + len(model_rows)} measurements in {time.perf_counter() - start:.1f} s")
+    charts = [p for p in written if p.suffix == ".png"]
+    if charts:
+        print(f"charts: {', '.join(str(p) for p in charts)}")
+    print(report.headline(op_rows + model_rows, env.get("device_name") or device.type, busy or late))
     return 0

@@ -158,7 +158,8 @@ def build_model(
     return model
 
 
-def _inputs(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch: images ``[B, 3, S, S]`` (cfg's layout) and labels ``[B]``."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
     x = x.to(device=device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -166,7 +167,11 @@ def _inputs(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch
     return x, y
 
 
-def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ModelConfig, device: torch.device):
+def model_steps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ModelConfig, device: torch.device
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(train_step, infer_step)`` of ``model`` on images ``x [B, 3, S, S]`` and labels ``y [B]``:
+    forward + cross-entropy + backward + SGD step; forward under inference mode."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def train_step() -> None:
@@ -192,7 +197,7 @@ def count_flops(model: nn.Module, cfg: ModelConfig, device: torch.device) -> dic
     from torch.utils.flop_counter import FlopCounterMode
 
     small = min(2, cfg.batch_size)
-    x, y = _inputs(dataclasses.replace(cfg, batch_size=small), device)
+    x, y = model_inputs(dataclasses.replace(cfg, batch_size=small), device)
     model.train()
     with FlopCounterMode(display=False) as counter, _autocast(device, cfg.dtype):
         F.cross_entropy(model(x), y).backward()
@@ -272,7 +277,7 @@ def run_model(
     state = copy.deepcopy(reference.state_dict())
     flops = count_flops(reference.to(device), cfg, device)
     del reference
-    x, y = _inputs(cfg, device)
+    x, y = model_inputs(cfg, device)
     models: dict[str, nn.Module] = {}
     for provider in providers:
         if not provider_modes(provider, modes):
@@ -291,7 +296,7 @@ def run_model(
         for provider, model in models.items():
             if mode not in provider_modes(provider, modes):
                 continue
-            train_step, infer_step = _steps(model, x, y, cfg, device)
+            train_step, infer_step = model_steps(model, x, y, cfg, device)
             step = train_step if mode == "train" else infer_step
             model.train(mode == "train")
             try:  # a first step alone: a provider that fails is reported and left out
@@ -309,7 +314,7 @@ def run_model(
             kw["warmup"] = max(kw.get("warmup", 3), 3)
         timings = measure_interleaved(steps, device, **kw)
         for provider, timing in timings.items():
-            rows.append(_finish(name, provider, mode, models[provider], x, cfg, device, flops[mode], timing,
+            rows.append(finish_row(name, provider, mode, models[provider], x, cfg, device, flops[mode], timing,
                                 steps[provider], yardsticks))  # fmt: skip
             if progress:
                 progress(f"{name} {provider} {mode}")
@@ -323,7 +328,7 @@ def run_model(
     return rows
 
 
-def _finish(
+def finish_row(
     name: str,
     provider: str,
     mode: str,

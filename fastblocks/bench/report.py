@@ -71,9 +71,25 @@ def _num(v: float) -> str:
     return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
+def noisy(r: dict) -> bool:
+    """Whether a row's time is not a stable figure: at most 3 samples, or an inter-quartile
+    range larger than the median."""
+    n = len(r.get("samples_ms") or [])
+    return 0 < n <= 3 or r.get("spread_ms", 0.0) > r["median_ms"]
+
+
 def _ms(r: dict) -> str:
     n = len(r.get("samples_ms") or [])
-    return f"{_num(r['median_ms'])} ± {_num(r['spread_ms'])}" + (f" (n={n})" if n else "")
+    mark = " ~" if noisy(r) else ""
+    return f"{_num(r['median_ms'])} ± {_num(r['spread_ms'])}" + (f" (n={n})" if n else "") + mark
+
+
+def _pct_copy(value: float | None) -> str:
+    """% of the copy bandwidth; above 100 marked: the case's working set is cache-resident, so the
+    yardstick (a copy of a buffer larger than the caches) does not bound it."""
+    if value is None:
+        return ""
+    return f"{value:.0f}" + (" †" if value > 100 else "")
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -99,7 +115,7 @@ def op_table(rows: Iterable[dict]) -> str:
     body = [
         [
             r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], r["mode"], r["provider"],
-            r.get("backend") or "", _ms(r), _f(r.get("gbps"), ".2f"), _f(r.get("pct_copy"), ".0f"),
+            r.get("backend") or "", _ms(r), _f(r.get("gbps"), ".2f"), _pct_copy(r.get("pct_copy")),
             _speedup(sp, r["case"]), _mb(r.get("saved_bytes")), _mb(r.get("peak_bytes")),
             _f(r.get("compile_s"), ".1f"),
         ]
@@ -143,8 +159,51 @@ LEGEND = (
     "implementation's traffic, the same for every provider) per second; % copy BW: of the measured "
     "`copy_` bandwidth. TFLOP/s: eager model FLOPs (torch.utils.flop_counter) per second; % matmul: of "
     "the measured matmul rate. saved for bwd: bytes autograd keeps between forward and backward "
-    "(models: parameters excluded). peak: torch.cuda.max_memory_allocated during one call (CUDA only)."
+    "(models: parameters excluded). peak: torch.cuda.max_memory_allocated during one call (CUDA only). "
+    "~: not a stable figure (at most 3 samples, or an inter-quartile range above the median). "
+    "†: above the copy bandwidth: the case fits in the caches, which the yardstick (a copy larger than "
+    "the caches) does not measure."
 )
+
+
+def _ratio_text(value: float | None, what: str) -> str | None:
+    return None if value is None else f"{what} {value:.2f}x"
+
+
+def headline(rows: Iterable[dict], device: str, warning: str | None = None) -> str:
+    """One line a person reads at a glance: per model, fused against eager (training and inference
+    speed-up, and the bytes a training step keeps for backward as a ratio of eager's), on
+    ``device``; op-level rows alone give the median speed-up per mode. ``warning`` (a busy
+    machine) is appended to the same line."""
+    rows = list(rows)
+    sp = speedups(rows)
+    parts: list[str] = []
+    models = sort_rows(r for r in rows if r.get("kind") == "model" and r["provider"] == "fused")
+    seen: dict[tuple, list[str]] = {}
+    for r in models:
+        key = (r["name"], r["batch_size"], r["image_size"])
+        words = seen.setdefault(key, [])
+        if r["case"] in sp:
+            words.append(f"{r['mode']} {sp[r['case']]:.2f}x")
+        if r["mode"] == "train" and r.get("saved_bytes"):
+            eager = next((e for e in rows if e["case"] == baseline_case(r) and e.get("saved_bytes")), None)
+            if eager is not None:
+                words.append(f"saved for backward {r['saved_bytes'] / eager['saved_bytes']:.2f}x eager's")
+    for (name, bs, res), words in seen.items():
+        if words:
+            parts.append(f"{name} (batch {bs} at {res}): " + ", ".join(words))
+    if not parts:
+        by_mode: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if r.get("kind") == "op" and r["provider"] == "fused" and r["case"] in sp:
+                by_mode[r["mode"]].append(sp[r["case"]])
+        for mode, values in sorted(by_mode.items(), key=lambda kv: _order(kv[0], _MODE_ORDER)):
+            values.sort()
+            parts.append(f"ops {mode}: median {values[len(values) // 2]:.2f}x over {len(values)} cases")
+    if not parts:
+        return f"headline: no fused-vs-eager comparison on {device}"
+    line = f"headline, fused vs eager on {device} (speed-up > 1 is faster): " + "; ".join(parts)
+    return line + (f" [WARNING: {warning}]" if warning else "")
 
 
 # ----------------------------------------------------------------------------- charts

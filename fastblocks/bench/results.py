@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,6 +40,17 @@ DEFAULT_ROOT = Path("benchmarks") / "results"
 def default_output_dir(device_slug: str, root: str | os.PathLike | None = None) -> Path:
     """``benchmarks/results/<device-slug>`` (relative to the working directory by default)."""
     return Path(root if root is not None else DEFAULT_ROOT) / device_slug
+
+
+def run_output_dir(root: str | os.PathLike = Path("runs") / "bench") -> Path:
+    """A new folder for one user run, ``runs/bench/<YYYYmmdd-HHMMSS>`` (relative to the working
+    directory; git ignores ``runs/``), suffixed ``-2``, ``-3``, ... if that second is taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = Path(root) / stamp, 1
+    while path.exists():
+        i += 1
+        path = Path(root) / f"{stamp}-{i}"
+    return path
 
 
 def results_path(output_dir: str | os.PathLike, suite: str) -> Path:

@@ -26,6 +26,7 @@ from fastblocks.models.densenet import (  # noqa: F401  (DenseNet builders)
     densenet_bc_250_24,
     remap_legacy_densenet_keys,
 )
+from fastblocks.models.registry import get_model, list_models  # noqa: F401  (builders by name)
 from fastblocks.models.resnet import (  # noqa: F401  (ImageNet ResNet family)
     BasicBlock,
     Bottleneck,
