@@ -52,9 +52,9 @@ def test_model(request, benchmark, bench_env, _bench_rows, model, provider, mode
         step()
         synchronize(DEVICE)
 
-    for _ in range(2 if provider.endswith("compile") else 1):  # warm-up (and compile)
+    for _ in range(3 if provider.endswith("compile") else 2):  # warm-up (and compile)
         call()
-    benchmark.pedantic(call, rounds=cfg.timing.get("min_reps", 5), iterations=1)
+    benchmark.pedantic(call, rounds=max(5, cfg.timing.get("min_reps", 5)), iterations=1)
     st = benchmark.stats.stats
     timing = Timing(st.median * 1e3, st.iqr * 1e3, [s * 1e3 for s in st.data], 1, "pytest-benchmark")
     flops = model_bench.count_flops(builder(fused=False).to(DEVICE), cfg, DEVICE)[mode]

@@ -99,8 +99,26 @@ def set_backend(name: str | None) -> None:
 
 
 def get_backend() -> str | None:
-    """The forced backend in effect here (context manager, then ``set_backend``, then env), or None."""
+    """The forced backend in effect here (context manager, then ``set_backend``, then env), or None.
+
+    Under torch.compile the answer is a constant of the traced graph, as :func:`resolve`'s
+    (Dynamo cannot trace ``ContextVar.get``: each call was a graph break).
+    """
+    if torch.compiler.is_compiling():
+        return _get_backend_constant()
+    return _get_backend_uncached()
+
+
+def _get_backend_uncached() -> str | None:
     return _forced.get() or _global or _env_backend()
+
+
+_get_backend_eager = torch.compiler.disable(_get_backend_uncached, recursive=True)
+
+
+@torch.compiler.assume_constant_result
+def _get_backend_constant() -> str | None:
+    return _get_backend_eager()
 
 
 @contextlib.contextmanager
@@ -187,7 +205,7 @@ def resolve(op: str, device: torch.device | str) -> str:
 
 
 def _resolve_uncached(op: str, device_type: str) -> str:
-    return _pick(op, device_type, get_backend(), triton_interpreted())
+    return _pick(op, device_type, _get_backend_uncached(), triton_interpreted())
 
 
 @functools.lru_cache(maxsize=256)
@@ -233,6 +251,10 @@ def backward_on_forward_backend(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(ctx: object, *grads: object) -> object:
+        if torch.compiler.is_compiling():
+            # Traced with its forward, under the same forced backend (a constant of the graph);
+            # Dynamo cannot trace the ContextVar that use_backend sets (a graph break per call).
+            return fn(ctx, *grads)
         with use_backend(getattr(ctx, "fastblocks_backend", None)):
             return fn(ctx, *grads)
 

@@ -451,7 +451,7 @@ def test_marks_for_cache_resident_and_noisy_rows_and_headline():
     assert "(n=3) ~" in table and "(n=20) |" in table
     line = headline(rows, "Test CPU", "the machine is busy")
     assert line == (
-        "headline, fused vs eager on Test CPU (speed-up > 1 is faster): ops fwd: median 2.00x over 1 cases "
+        "headline, fused vs eager on Test CPU (speed-up > 1 is faster; ~ not stable): ops fwd: median 2.00x over 1 cases "
         "[WARNING: the machine is busy]"
     )
 

@@ -184,7 +184,9 @@ def headline(rows: Iterable[dict], device: str, warning: str | None = None) -> s
         key = (r["name"], r["batch_size"], r["image_size"])
         words = seen.setdefault(key, [])
         if r["case"] in sp:
-            words.append(f"{r['mode']} {sp[r['case']]:.2f}x")
+            base = next((e for e in rows if e["case"] == baseline_case(r)), None)
+            shaky = noisy(r) or (base is not None and noisy(base))
+            words.append(f"{r['mode']} {sp[r['case']]:.2f}x" + (" ~" if shaky else ""))
         if r["mode"] == "train" and r.get("saved_bytes"):
             eager = next((e for e in rows if e["case"] == baseline_case(r) and e.get("saved_bytes")), None)
             if eager is not None:
@@ -202,7 +204,7 @@ def headline(rows: Iterable[dict], device: str, warning: str | None = None) -> s
             parts.append(f"ops {mode}: median {values[len(values) // 2]:.2f}x over {len(values)} cases")
     if not parts:
         return f"headline: no fused-vs-eager comparison on {device}"
-    line = f"headline, fused vs eager on {device} (speed-up > 1 is faster): " + "; ".join(parts)
+    line = f"headline, fused vs eager on {device} (speed-up > 1 is faster; ~ not stable): " + "; ".join(parts)
     return line + (f" [WARNING: {warning}]" if warning else "")
 
 
