@@ -5,7 +5,7 @@ only its input (the block buffer, already saved by the block) and the statistics
 *before* the 1x1 conv: both are linear and the conv acts per pixel, so
 ``pool(conv1x1(a)) == conv1x1(pool(a))``; pooling first runs the conv on a quarter of the
 pixels (4x fewer MACs forward and backward). Results differ from torchvision's order by
-rounding only. On the compiled CPU backend (eager calls) BN-ReLU-avgpool is one kernel each way
+rounding only. On the compiled CPU backend (eager calls and torch.compile) BN-ReLU-avgpool is one kernel each way
 (``fastblocks::transition_pool_fwd``: one read of x, the pooled quarter written;
 ``transition_pool_bwd``: the sums, then dx, reading the pool's gradient at its own size) instead
 of writing the BN-ReLU output and the pool's full-size gradient (PyTorch's CPU ``avg_pool2d`` and
@@ -53,9 +53,12 @@ _backend.register_op(_backend.OpSpec(name="dense_transition", triton=True, compi
 
 def _transition_kernels(device: torch.device) -> bool:
     """Whether the transition's BN-ReLU-avgpool runs as the compiled CPU kernel pair
-    (``fastblocks::transition_pool_fwd``/``transition_pool_bwd``). Otherwise (and under
-    torch.compile) the backend's BN-ReLU, then ``F.avg_pool2d``."""
-    return _backend.cpu_kernels("dense_transition", device, "transition_pool_fwd", "transition_pool_bwd")
+    (``fastblocks::transition_pool_fwd``/``transition_pool_bwd``; functional, with fake kernels,
+    so also under torch.compile, as opaque nodes). Otherwise the backend's BN-ReLU, then
+    ``F.avg_pool2d``."""
+    return _backend.cpu_kernels(
+        "dense_transition", device, "transition_pool_fwd", "transition_pool_bwd", under_compile=True
+    )
 
 
 def _transition_pool(x: torch.Tensor, kern, scale: torch.Tensor, shift: torch.Tensor, cl: bool) -> torch.Tensor:

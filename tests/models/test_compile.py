@@ -47,3 +47,36 @@ def test_fused_bottleneck_resnet_compiled_matches_eager():
         assert max_abs_err(p.grad, q.grad) <= 1e-10 * (1 + q.grad.abs().max().item()), name
     for (name, b), c in zip(fused.named_buffers(), eager.buffers()):
         assert max_abs_err(b.double(), c.double()) <= 1e-9, name
+
+
+def test_compiled_transition_keeps_its_one_pass_kernels():
+    """Under torch.compile on the compiled CPU backend the transition's BN-ReLU-avgpool stays one
+    kernel each way (functional ops with fake kernels), as in eager calls."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fastblocks.ops import BatchNormParams, dense_transition
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("transition_pool_fwd", "transition_pool_bwd", dispatch_key="CPU")
+    codes: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list) -> object:
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    norm = BatchNormParams(torch.rand(8, requires_grad=True), torch.randn(8, requires_grad=True))
+    w = torch.randn(4, 8, 1, 1, requires_grad=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return dense_transition(x, norm, w, training=True)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with fastblocks.use_backend("cpu"):
+        out = torch.compile(f, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)(x)
+        out.sum().backward()
+    assert any("transition_pool_fwd" in c for c in codes) and any("transition_pool_bwd" in c for c in codes)
+    x_eager = x.detach().clone().requires_grad_()
+    f(x_eager).sum().backward()
+    assert max_abs_err(x.grad, x_eager.grad) <= 1e-5
