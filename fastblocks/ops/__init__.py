@@ -10,6 +10,7 @@ module                          public functions
 ``bn_relu_conv``                :func:`bn_relu_conv2d` (BN-ReLU prologue fused into a convolution)
 ``bn_relu_conv_bn_add_relu``    :func:`bn_relu_conv_bn_add_relu2d` (a bottleneck's tail)
 ``dense_block``                 :func:`dense_block` (a DenseNet dense block as one node)
+``dense_layer``                 (its one-call CPU layer kernels: fake kernels, when they run)
 ``transition``                  :func:`dense_transition` (BN-ReLU-avgpool-conv1x1)
 ``stem``                        :func:`stem_conv_bn_relu_pool` (the ImageNet stem)
 ``_bn_core``                    :class:`BatchNormParams`, :func:`update_running_stats` (BN rules)

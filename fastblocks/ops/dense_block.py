@@ -165,6 +165,7 @@ from fastblocks.ops._common import (
     no_autocast,
     schemas_defined,
 )
+from fastblocks.ops.dense_layer import one_call_layers
 
 _backend.register_op(_backend.OpSpec(name="dense_block", triton=True, compiled=COMPILED))
 
@@ -331,7 +332,7 @@ def _block_forward(
     else:
         mean1 = var1 = mean2 = var2 = torch.empty(0, dtype=sd, device=x.device)
     rng: list[torch.Tensor] = []
-    one_call = _one_call_layers(x.device, cfg, group)
+    one_call = one_call_layers(x.device, cfg.training and cfg.drop_rate > 0, group)
     for i in range(nl):
         g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
         ci = c0 + i * k
@@ -414,16 +415,6 @@ def _fold_stats_grad(
         g_rows.copy_(_rows_of(new, cl))
 
 
-def _one_call_layers(device: torch.device, cfg: _BlockConfig, group: object | None) -> bool:
-    """Whether each layer's forward and backward are one C++ call each
-    (``fastblocks::dense_layer_fwd_``/``dense_layer_bwd_``: the same steps, without one to two dozen
-    Python-level tensor operations per layer): eager CPU calls without dropout and without
-    synchronized statistics."""
-    if group is not None or (cfg.training and cfg.drop_rate > 0):
-        return False
-    return _backend.cpu_kernels("dense_block", device, "dense_layer_fwd_", "dense_layer_bwd_")
-
-
 class _DenseBlockFunction(torch.autograd.Function):
     """The whole dense block as one autograd node (see the module docstring for the math)."""
 
@@ -468,7 +459,7 @@ class _DenseBlockFunction(torch.autograd.Function):
             g = torch.empty_like(buf)  # the one gradient buffer
             g.copy_(grad_buf)
             gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)  # empty in eval
-            one_call = _one_call_layers(buf.device, cfg, group)
+            one_call = one_call_layers(buf.device, cfg.training and cfg.drop_rate > 0, group)
             for i in reversed(range(nl)):
                 g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
                 ci = c0 + i * k
@@ -718,63 +709,3 @@ if schemas_defined("bn_bwd_reduce_add_"):
         channels_last: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return fake_channel_vectors(x, 2)
-
-
-if schemas_defined("dense_layer_fwd_", "dense_layer_bwd_"):
-
-    @torch.library.register_fake("fastblocks::dense_layer_bwd_")
-    def _(
-        g: torch.Tensor,
-        gmu: torch.Tensor,
-        gvar: torch.Tensor,
-        buf: torch.Tensor,
-        mean1: torch.Tensor,
-        var1: torch.Tensor,
-        mean2: torch.Tensor,
-        var2: torch.Tensor,
-        weight1: torch.Tensor | None,
-        bias1: torch.Tensor | None,
-        conv1_weight: torch.Tensor,
-        weight2: torch.Tensor | None,
-        bias2: torch.Tensor | None,
-        conv2_weight: torch.Tensor,
-        bottleneck: torch.Tensor | None,
-        eps1: float,
-        eps2: float,
-        ci: int,
-        k: int,
-        training: bool,
-        fold: bool,
-        channels_last: bool,
-    ) -> tuple[torch.Tensor | None, ...]:
-        def like(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-
-        return like(weight1), like(bias1), like(conv1_weight), like(weight2), like(bias2), like(conv2_weight)
-
-    @torch.library.register_fake("fastblocks::dense_layer_fwd_")
-    def _(
-        buf: torch.Tensor,
-        mean1: torch.Tensor,
-        var1: torch.Tensor,
-        mean2: torch.Tensor,
-        var2: torch.Tensor,
-        weight1: torch.Tensor | None,
-        bias1: torch.Tensor | None,
-        conv1_weight: torch.Tensor,
-        weight2: torch.Tensor | None,
-        bias2: torch.Tensor | None,
-        conv2_weight: torch.Tensor,
-        eps1: float,
-        eps2: float,
-        ci: int,
-        k: int,
-        training: bool,
-        chunk_stats: bool,
-        keep: bool,
-        channels_last: bool,
-    ) -> torch.Tensor | None:
-        if not keep:
-            return None
-        shape = (buf.shape[0], conv1_weight.shape[0], buf.shape[2], buf.shape[3])
-        return buf.new_empty(shape).contiguous(memory_format=memory_format(channels_last))

@@ -452,7 +452,7 @@ def test_dense_layer_bwd_opcheck_and_bad_input(channels_last, training):
     from tests.helpers import require_compiled_kernels
 
     require_compiled_kernels("dense_layer_bwd_", dispatch_key="CPU")
-    import fastblocks.ops.dense_block  # noqa: F401  (fake kernels of the one-call layer)
+    import fastblocks.ops.dense_layer  # noqa: F401  (fake kernels of the one-call layer)
 
     ops = torch.ops.fastblocks
     n, c0, k, b, h, w = 2, 4, 3, 5, 5, 6
@@ -499,7 +499,7 @@ def test_dense_layer_fwd_opcheck_and_bad_input(channels_last, training):
     from tests.helpers import require_compiled_kernels
 
     require_compiled_kernels("dense_layer_fwd_", dispatch_key="CPU")
-    import fastblocks.ops.dense_block  # noqa: F401  (fake kernels of the one-call layer)
+    import fastblocks.ops.dense_layer  # noqa: F401  (fake kernels of the one-call layer)
 
     ops = torch.ops.fastblocks
     n, c0, k, b, h, w = 2, 4, 3, 5, 5, 6
