@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -124,7 +126,13 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
-        "--plot", metavar="FILE.png", default=None, help="plot peak vs batch size and saved bytes along the depth"
+        "--plot",
+        metavar="FILE.png",
+        nargs="?",
+        const="",
+        default=None,
+        help="plot peak vs batch size and saved bytes along the depth (default file: a new "
+        "runs/memory/<timestamp>/memory_<model>.png)",
     )
     p.add_argument(
         "--sweep",
@@ -146,8 +154,28 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def memory_headline(config: object, results: Sequence[object]) -> str:
+    """One line: each implementation's bytes saved for backward and peak of one training step, as
+    a ratio of the eager model's (``results``: :class:`fastblocks.profile.memory.StepMemory`)."""
+    ok = {r.impl: r for r in results if r.status == "ok"}
+    where = f"{config.model}, batch {config.batch_size}, {config.device}"
+    eager = ok.get("eager")
+    if eager is None or not eager.saved_for_backward:
+        return f"headline ({where}): no eager measurement to compare with"
+    parts = []
+    for impl, r in ok.items():
+        if impl == "eager":
+            continue
+        peak = f", peak {r.total_peak / eager.total_peak:.2f}x" if eager.total_peak and r.total_peak else ""
+        parts.append(f"{impl} saved for backward {r.saved_for_backward / eager.saved_for_backward:.2f}x{peak}")
+    gone = [f"{r.impl} {r.status}" for r in results if r.status != "ok"]
+    body = "; ".join(parts) if parts else "nothing else measured"
+    return f"headline ({where}), of eager's: {body}" + (f" ({', '.join(gone)})" if gone else "")
+
+
 def run_memory(args: argparse.Namespace) -> int:
     """``fastblocks memory``: exit 0 (out-of-memory is a result, reported), 1 on an error, 2 on bad input."""
+    from fastblocks.bench.results import run_output_dir
     from fastblocks.models.registry import list_models
     from fastblocks.profile import memory
 
@@ -193,12 +221,15 @@ def run_memory(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )  # fmt: skip
     peaks = None
-    if args.plot:
+    if args.plot is not None:
+        path = Path(args.plot) if args.plot else run_output_dir(Path("runs") / "memory") / f"memory_{args.model}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         peaks = memory.sweep(config, args.impl, args.sweep or memory.default_sweep(batch), quiet=args.quiet)
-        memory.plot(args.plot, config, results, peaks)
-        notes.append(f"plot written to {args.plot}")
+        memory.plot(str(path), config, results, peaks)
+        notes.append(f"plot written to {path}")
     if args.json:
         _emit(json.dumps(memory.report_dict(config, results, peaks, notes), indent=2))
     else:
         _emit("\n".join([memory.format_report(config, results), *[f"note: {n}" for n in notes]]))
+        _emit(memory_headline(config, results))
     return 1 if any(r.status == "error" for r in results) else 0
