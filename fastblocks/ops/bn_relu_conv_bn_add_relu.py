@@ -42,7 +42,16 @@ import torch.nn.functional as F
 
 from fastblocks import _backend
 from fastblocks.ops._bn_core import check_train_batch, dx_coefficients, kernels_for, scale_shift, update_running_stats
-from fastblocks.ops._common import acc_dtype, check_like, check_tensor, is_channels_last
+from fastblocks.ops._common import (
+    acc_dtype,
+    check_like,
+    check_tensor,
+    eager_function,
+    eager_path,
+    empty0,
+    is_channels_last,
+    memory_format,
+)
 from fastblocks.ops.batchnorm import batch_norm_act, batch_norm_act_reference
 from fastblocks.ops.bn_relu_conv import (
     Conv,
@@ -95,76 +104,175 @@ def _conv(a: torch.Tensor, weight: torch.Tensor, conv: Conv) -> torch.Tensor:
     return to_layout(c, is_channels_last(a))
 
 
-class _TailFunction(torch.autograd.Function):
-    """Forward and backward of the bottleneck tail (module docstring); returns (y, mean, var)."""
+# The tail is a registered op (opaque to torch.compile): Inductor's joint-graph CSE would merge the
+# backward's recomputation of the activation and the convolution with the forward's identical
+# nodes, and its partitioner would then save them (the bytes this op exists not to keep).
+def _tail_forward(
+    x, scale, shift, weight, identity, bn_weight, bn_bias, running_mean, running_var,
+    stride, padding, dilation, groups, training, eps,
+):  # fmt: skip
+    """(y, mean, var): the tail's output and the second BatchNorm's statistics ``[C_out]``."""
+    conv = make_conv(stride, padding, dilation, groups)
+    k = kernels_for("batch_norm_act", x.device)
+    c = _conv(_activation(k, x, scale, shift), weight, conv)  # a is freed here
+    cl = is_channels_last(c)
+    cd = acc_dtype(c.dtype)
+    if training:
+        mean, var = k.stats(c, cl)
+    else:
+        mean, var = running_mean.to(cd).clone(), running_var.to(cd).clone()
+    s3, t3, _ = scale_shift(mean, var, bn_weight, bn_bias, eps)
+    return k.apply(c, s3, t3, identity, True, cl), mean, var
 
-    @staticmethod
-    def forward(ctx, x, scale, shift, weight, identity, bn_weight, bn_bias, running_mean, running_var, cfg):
-        conv, training, eps = cfg
-        k = kernels_for("batch_norm_act", x.device)
-        c = _conv(_activation(k, x, scale, shift), weight, conv)  # a is freed here
-        cl = is_channels_last(c)
-        cd = acc_dtype(c.dtype)
-        if training:
-            mean, var = k.stats(c, cl)
-        else:
-            mean, var = running_mean.to(cd).clone(), running_var.to(cd).clone()
-        s3, t3, _ = scale_shift(mean, var, bn_weight, bn_bias, eps)
-        y = k.apply(c, s3, t3, identity, True, cl)
-        _backend.remember(ctx)
-        ctx.cfg = cfg
-        ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
-        ctx.save_for_backward(x, scale, shift, weight, bn_weight, bn_bias, mean, var, y)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_backend.backward_on_forward_backend
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, scale, shift, weight, bn_weight, bn_bias, mean, var, y = ctx.saved_tensors
-        conv, training, eps = ctx.cfg
-        need = ctx.needs_input_grad
-        k = kernels_for("batch_norm_act", x.device)
-        cd = acc_dtype(x.dtype)
-        a = _activation(k, x, scale, shift)
-        c = _conv(a, weight, conv)
-        cl_c = is_channels_last(c)
-        # g' = grad_y where the final ReLU passed; it is also the identity's gradient.
-        g = torch.ops.aten.threshold_backward(grad_y, y, 0)  # eager ReLU's backward: 0 where y <= 0
-        s3, t3, invstd = scale_shift(mean, var, bn_weight, bn_bias, eps)
-        sum_g, sum_gc = k.bwd_reduce(g, c, mean, s3, t3, None, False, cl_c)
-        a3, b3, k3 = dx_coefficients(bn_weight, mean, invstd, sum_g, sum_gc, c.numel() // c.shape[1], training)
-        dc = k.bwd_apply(g, c, s3, t3, None, a3, b3, k3, False, cl_c)
-        del c
-        dbn_weight = (sum_gc * invstd).to(bn_weight.dtype) if ctx.has_bn_weight and need[5] else None
-        dbn_bias = sum_g.to(bn_bias.dtype) if ctx.has_bn_bias and need[6] else None
-        need_a = any(need[:3])
-        da, dweight, _ = torch.ops.aten.convolution_backward(
-            dc, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
-            [need_a, need[3], False],
-        )  # fmt: skip
-        del a, dc
-        dx = dscale = dshift = None
-        if need_a:
-            # Through a = relu(x * scale + shift): Σ g_z and Σ g_z x (bwd_reduce with mean 0), dx = scale g_z.
-            cl_x = is_channels_last(x)
-            zero = torch.zeros(x.shape[1], dtype=cd, device=x.device)
-            sum_gz, sum_gzx = k.bwd_reduce(da, x, zero, scale, shift, None, True, cl_x)
-            dx = to_layout(k.bwd_apply(da, x, scale, shift, None, scale.to(cd), zero, zero, True, cl_x), cl_x)
-            dscale, dshift = sum_gzx.to(scale.dtype), sum_gz.to(shift.dtype)
-        return (
-            dx if need[0] else None,
-            dscale if need[1] else None,
-            dshift if need[2] else None,
-            dweight if need[3] else None,
-            g if need[4] else None,
-            dbn_weight,
-            dbn_bias,
-            None,
-            None,
-            None,
-        )
+def _tail_backward(
+    grad_y, x, scale, shift, weight, bn_weight, bn_bias, mean, var, y,
+    stride, padding, dilation, groups, training, eps, need,
+):  # fmt: skip
+    """(dx, dscale, dshift, dweight, didentity, dbn_weight, dbn_bias); ``need`` says which are
+    wanted (the others are empty placeholders)."""
+    conv = make_conv(stride, padding, dilation, groups)
+    k = kernels_for("batch_norm_act", x.device)
+    cd = acc_dtype(x.dtype)
+    a = _activation(k, x, scale, shift)
+    c = _conv(a, weight, conv)
+    cl_c = is_channels_last(c)
+    # g' = grad_y where the final ReLU passed; it is also the identity's gradient.
+    g = torch.ops.aten.threshold_backward(grad_y, y, 0)  # eager ReLU's backward: 0 where y <= 0
+    s3, t3, invstd = scale_shift(mean, var, bn_weight, bn_bias, eps)
+    sum_g, sum_gc = k.bwd_reduce(g, c, mean, s3, t3, None, False, cl_c)
+    a3, b3, k3 = dx_coefficients(bn_weight, mean, invstd, sum_g, sum_gc, c.numel() // c.shape[1], training)
+    dc = k.bwd_apply(g, c, s3, t3, None, a3, b3, k3, False, cl_c)
+    del c
+    dbn_weight = (sum_gc * invstd).to(bn_weight.dtype) if bn_weight is not None and need[5] else empty0(x)
+    dbn_bias = sum_g.to(bn_bias.dtype) if bn_bias is not None and need[6] else empty0(x)
+    need_a = any(need[:3])
+    da, dweight, _ = torch.ops.aten.convolution_backward(
+        dc, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        [need_a, need[3], False],
+    )  # fmt: skip
+    del a, dc
+    dx, dscale, dshift = empty0(x), empty0(scale), empty0(shift)
+    if need_a:
+        # Through a = relu(x * scale + shift): Σ g_z and Σ g_z x (bwd_reduce with mean 0), dx = scale g_z.
+        cl_x = is_channels_last(x)
+        zero = torch.zeros(x.shape[1], dtype=cd, device=x.device)
+        sum_gz, sum_gzx = k.bwd_reduce(da, x, zero, scale, shift, None, True, cl_x)
+        dx = to_layout(k.bwd_apply(da, x, scale, shift, None, scale.to(cd), zero, zero, True, cl_x), cl_x)
+        dscale, dshift = sum_gzx.to(scale.dtype), sum_gz.to(shift.dtype)
+    return dx, dscale, dshift, dweight if need[3] else empty0(weight), g if need[4] else empty0(x), dbn_weight, dbn_bias
+
+
+@torch.library.custom_op("fastblocks::bn_relu_conv_bn_add_relu2d", mutates_args=())
+def _tail_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    identity: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(relu(BN(conv(relu(x * scale + shift))) + identity), mean, biased var)``."""
+    return _tail_forward(
+        x, scale, shift, weight, identity, bn_weight, bn_bias, running_mean, running_var,
+        stride, padding, dilation, groups, training, eps,
+    )  # fmt: skip
+
+
+@_tail_op.register_fake
+def _(x, scale, shift, weight, identity, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+      dilation, groups, training, eps):  # fmt: skip
+    conv = make_conv(stride, padding, dilation, groups)
+    ho, wo = conv.out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+    fmt = memory_format(is_channels_last(x))
+    y = x.new_empty((x.shape[0], weight.shape[0], ho, wo)).contiguous(memory_format=fmt)
+    cd = acc_dtype(x.dtype)
+    return y, x.new_empty(weight.shape[0], dtype=cd), x.new_empty(weight.shape[0], dtype=cd)
+
+
+@torch.library.custom_op("fastblocks::bn_relu_conv_bn_add_relu2d_backward", mutates_args=())
+def _tail_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    y: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    training: bool,
+    eps: float,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: the tail's input gradients (empty where ``need`` is false)."""
+    return _tail_backward(
+        grad_y, x, scale, shift, weight, bn_weight, bn_bias, mean, var, y,
+        stride, padding, dilation, groups, training, eps, need,
+    )  # fmt: skip
+
+
+@_tail_backward_op.register_fake
+def _(grad_y, x, scale, shift, weight, bn_weight, bn_bias, mean, var, y, stride, padding, dilation, groups,
+      training, eps, need):  # fmt: skip
+    def like(t, wanted):
+        if t is None or not wanted:
+            return empty0(x)
+        return torch.empty_like(t, memory_format=memory_format(is_channels_last(t)))
+
+    dx = like(x, any(need[:3]))
+    dscale = torch.empty_like(scale) if any(need[:3]) else empty0(scale)
+    dshift = torch.empty_like(shift) if any(need[:3]) else empty0(shift)
+    dweight = torch.empty_like(weight) if need[3] else empty0(weight)
+    return dx, dscale, dshift, dweight, like(y, need[4]), like(bn_weight, need[5]), like(bn_bias, need[6])
+
+
+def _tail_setup_context(ctx, inputs, output) -> None:
+    _backend.remember(ctx)
+    x, scale, shift, weight, _identity, bn_weight, bn_bias, _rm, _rv, stride, padding, dilation, groups = inputs[:13]
+    ctx.cfg = (list(stride), list(padding), list(dilation), groups, inputs[13], inputs[14])
+    ctx.has_bn = (bn_weight is not None, bn_bias is not None)
+    y, mean, var = output
+    ctx.save_for_backward(x, scale, shift, weight, bn_weight, bn_bias, mean, var, y)
+
+
+def _tail_grads(ctx, grad_y, backward) -> tuple:
+    x, scale, shift, weight, bn_weight, bn_bias, mean, var, y = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:7]]
+    need[5] = need[5] and ctx.has_bn[0]
+    need[6] = need[6] and ctx.has_bn[1]
+    grads = backward(grad_y, x, scale, shift, weight, bn_weight, bn_bias, mean, var, y, *ctx.cfg, need)
+    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None, None, None, None, None, None)
+
+
+@_backend.backward_on_forward_backend
+def _tail_autograd(ctx, grad_y, _grad_mean, _grad_var):
+    return _tail_grads(ctx, grad_y, _tail_backward_op)
+
+
+_tail_op.register_autograd(_tail_autograd, setup_context=_tail_setup_context)
+
+_TailFunction = eager_function(
+    "bn_relu_conv_bn_add_relu2d",
+    _tail_forward,
+    _tail_setup_context,
+    lambda ctx, grad_y, _grad_mean, _grad_var: _tail_grads(ctx, grad_y, _tail_backward),
+    non_differentiable=lambda inputs, output: output[1:],  # the statistics
+)
 
 
 # ----------------------------------------------------------------------------- public functional
@@ -256,9 +364,11 @@ def bn_relu_conv_bn_add_relu2d(
             c, bn_weight, bn_bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
             residual=identity, relu=True, num_batches_tracked=num_batches_tracked,
         )  # fmt: skip
-    y, mean, var = _TailFunction.apply(
-        x, scale, shift, weight, identity, bn_weight, bn_bias, running_mean, running_var, (conv, training, eps)
-    )
+    op = _TailFunction.apply if eager_path(x) else _tail_op
+    y, mean, var = op(
+        x, scale, shift, weight, identity, bn_weight, bn_bias, running_mean, running_var,
+        list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, training, float(eps),
+    )  # fmt: skip
     if training and running_mean is not None and y.numel():
         count = y.numel() // y.shape[1]
         update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)

@@ -26,6 +26,8 @@ from fastblocks.ops._common import (
     cast_weight,
     check_tensor,
     compute_dtype_of,
+    eager_path,
+    empty0,
     is_channels_last,
     memory_format,
     no_autocast,
@@ -42,31 +44,70 @@ def _pool_kernels(device: torch.device) -> bool:
     return _backend.cpu_kernels("stem", device, "stem_pool_fwd", "stem_pool_bwd", under_compile=True)
 
 
+def _stem_forward(x, training, eps, conv_weight, weight, bias, running_mean, running_var, group):
+    """(out, mean, var, total, winners): the pooled output, the statistics ``[C]``, the global count
+    (synchronized; else None) and the max-pool's winners (compiled CPU backend; else None)."""
+    kern = _bn_core.kernels_for("stem", x.device)
+    c = F.conv2d(x, conv_weight, stride=2, padding=3)
+    cl = is_channels_last(c)
+    sd = acc_dtype(c.dtype)
+    total = None
+    if training:
+        mean, var = kern.stats(c, cl)
+        if group is not None:
+            mean, var, total = _bn_core.global_stats(mean, var, c.numel() // c.shape[1], group)
+    else:
+        mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
+    scale, shift, _ = _bn_core.scale_shift(mean, var, weight, bias, eps)
+    if _pool_kernels(c.device):
+        # One pass: BN-ReLU-maxpool, keeping which window position won (1 byte per output).
+        out, winners = torch.ops.fastblocks.stem_pool_fwd.default(c, scale, shift, cl)
+    else:
+        out, winners = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1), None
+    return out, mean, var, total, winners
+
+
+def _stem_backward(grad_out, x, conv_weight, weight, bias, mean, var, winners, training, eps, group, total, need):
+    """(dx, dconv_weight, dweight, dbias), None where ``need`` (4 flags) is false or the tensor is
+    absent; recomputes the convolution (and, without the winners, the BN-ReLU and the pool)."""
+    kern = _bn_core.kernels_for("stem", x.device)
+    with no_autocast(x.device.type):
+        c = F.conv2d(x, conv_weight, stride=2, padding=3)
+        cl = is_channels_last(c)
+        scale, shift, invstd = _bn_core.scale_shift(mean, var, weight, bias, eps)
+        if winners is not None:
+            da = torch.ops.fastblocks.stem_pool_bwd.default(grad_out, winners, c.shape[2], c.shape[3], cl)
+        else:
+            a = kern.apply(c, scale, shift, None, True, cl)
+            _, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
+            da = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad_out, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx
+            )
+            del a, idx
+        sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
+        sums = _bn_core.synced_sums(sum_g, sum_gx, c, group, total)
+        ca, cb, cc = _bn_core.dx_coefficients(weight, mean, invstd, *sums, training)
+        dc = kern.bwd_apply(da, c, scale, shift, None, ca, cb, cc, True, cl)
+        del da, c
+        dx, dconv, _ = torch.ops.aten.convolution_backward(
+            dc, x, conv_weight, None, [2, 2], [3, 3], [1, 1], False, [0, 0], 1, [need[0], need[1], False]
+        )
+    dweight = (invstd * sum_gx).to(weight.dtype) if weight is not None and need[2] else None
+    dbias = sum_g.to(bias.dtype) if bias is not None and need[3] else None
+    return dx, dconv, dweight, dbias
+
+
 class _StemFunction(torch.autograd.Function):
-    """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node; saves x (the network input), the statistics and,
-    on the compiled CPU backend, the max-pool's winning window positions (int8, one per output)."""
+    """conv7x7/2-BN-ReLU-maxpool3x3/2 as one node for eager calls and synchronized statistics;
+    saves x (the network input), the statistics and, on the compiled CPU backend, the max-pool's
+    winning window positions (int8, one per output)."""
 
     @staticmethod
     def forward(ctx, x, training: bool, eps: float, conv_weight, weight, bias, running_mean, running_var, group):
-        kern = _bn_core.kernels_for("stem", x.device)
-        c = F.conv2d(x, conv_weight, stride=2, padding=3)
-        cl = is_channels_last(c)
-        sd = acc_dtype(c.dtype)
-        total = None
-        if training:
-            mean, var = kern.stats(c, cl)
-            if group is not None:
-                mean, var, total = _bn_core.global_stats(mean, var, c.numel() // c.shape[1], group)
-        else:
-            mean, var = running_mean.to(sd), running_var.to(sd)
-        scale, shift, _ = _bn_core.scale_shift(mean, var, weight, bias, eps)
-        if _pool_kernels(c.device):
-            # One pass: BN-ReLU-maxpool, keeping which window position won (1 byte per output).
-            out, winners = torch.ops.fastblocks.stem_pool_fwd.default(c, scale, shift, cl)
-        else:
-            out, winners = F.max_pool2d(kern.apply(c, scale, shift, None, True, cl), 3, 2, 1), None
-        ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
-        ctx.group, ctx.total = group, total
+        out, mean, var, total, winners = _stem_forward(
+            x, training, eps, conv_weight, weight, bias, running_mean, running_var, group
+        )
+        ctx.training, ctx.eps, ctx.group, ctx.total = training, eps, group, total
         ctx.save_for_backward(x, conv_weight, weight, bias, mean, var, winners)
         ctx.mark_non_differentiable(mean, var)
         if total is not None:
@@ -76,32 +117,100 @@ class _StemFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _gm, _gv, _gt):
         x, conv_weight, weight, bias, mean, var, winners = ctx.saved_tensors
-        cl = ctx.channels_last
-        kern = _bn_core.kernels_for("stem", x.device)
-        with no_autocast(x.device.type):
-            c = F.conv2d(x, conv_weight, stride=2, padding=3)
-            scale, shift, invstd = _bn_core.scale_shift(mean, var, weight, bias, ctx.eps)
-            if winners is not None:
-                da = torch.ops.fastblocks.stem_pool_bwd.default(grad_out, winners, c.shape[2], c.shape[3], cl)
-            else:
-                a = kern.apply(c, scale, shift, None, True, cl)
-                _, idx = torch.ops.aten.max_pool2d_with_indices(a, [3, 3], [2, 2], [1, 1], [1, 1], False)
-                da = torch.ops.aten.max_pool2d_with_indices_backward(
-                    grad_out, a, [3, 3], [2, 2], [1, 1], [1, 1], False, idx
-                )
-                del a, idx
-            sum_g, sum_gx = kern.bwd_reduce(da, c, mean, scale, shift, None, True, cl)
-            sums = _bn_core.synced_sums(sum_g, sum_gx, c, ctx.group, ctx.total)
-            ca, cb, cc = _bn_core.dx_coefficients(weight, mean, invstd, *sums, ctx.training)
-            dc = kern.bwd_apply(da, c, scale, shift, None, ca, cb, cc, True, cl)
-            del da, c
-            dx, dconv, _ = torch.ops.aten.convolution_backward(
-                dc, x, conv_weight, None, [2, 2], [3, 3], [1, 1], False, [0, 0], 1,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
-            )  # fmt: skip
-        dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
-        dbias = None if bias is None else sum_g.to(bias.dtype)
+        need = ctx.needs_input_grad
+        dx, dconv, dweight, dbias = _stem_backward(
+            grad_out, x, conv_weight, weight, bias, mean, var, winners, ctx.training, ctx.eps, ctx.group,
+            ctx.total, (need[0], need[3], need[4], need[5]),
+        )  # fmt: skip
         return dx, None, None, dconv, dweight, dbias, None, None, None
+
+
+# Under torch.compile (and other tracing) the stem is a registered op, opaque to Inductor: its
+# joint-graph CSE would merge the backward's recomputed convolution with the forward's, and the
+# partitioner would then keep the convolution's output (the largest activation of the network).
+@torch.library.custom_op("fastblocks::stem", mutates_args=())
+def _stem_op(
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(out, mean, var, winners)`` (winners empty without the CPU pool kernels)."""
+    out, mean, var, _, winners = _stem_forward(
+        x, training, eps, conv_weight, weight, bias, running_mean, running_var, None
+    )
+    return out, mean, var, empty0(x, torch.int8) if winners is None else winners
+
+
+def _stem_out_shape(x: torch.Tensor, conv_weight: torch.Tensor) -> tuple[int, int, int, int]:
+    h1, w1 = _pool_out(x.shape[2]), _pool_out(x.shape[3])  # the conv's output: the same rule at 7x7/2 pad 3
+    return x.shape[0], conv_weight.shape[0], _pool_out(h1), _pool_out(w1)
+
+
+@_stem_op.register_fake
+def _(x, conv_weight, weight, bias, running_mean, running_var, training, eps):
+    fmt = memory_format(is_channels_last(x))
+    out = x.new_empty(_stem_out_shape(x, conv_weight)).contiguous(memory_format=fmt)
+    cd = acc_dtype(x.dtype)
+    stats = (x.new_empty(conv_weight.shape[0], dtype=cd), x.new_empty(conv_weight.shape[0], dtype=cd))
+    if _pool_kernels(x.device):
+        return out, *stats, torch.empty_like(out, dtype=torch.int8, memory_format=fmt)
+    return out, *stats, empty0(x, torch.int8)
+
+
+@torch.library.custom_op("fastblocks::stem_backward", mutates_args=())
+def _stem_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    winners: torch.Tensor,
+    training: bool,
+    eps: float,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(dx, dconv_weight, dweight, dbias)``, empty where not needed."""
+    grads = _stem_backward(
+        grad_out, x, conv_weight, weight, bias, mean, var, winners if winners.numel() else None, training, eps,
+        None, None, need,
+    )  # fmt: skip
+    return tuple(empty0(x) if g is None else g for g in grads)
+
+
+@_stem_backward_op.register_fake
+def _(grad_out, x, conv_weight, weight, bias, mean, var, winners, training, eps, need):
+    # dx and dconv_weight as the real op's aten.convolution_backward lays them out.
+    c = F.conv2d(x, conv_weight, stride=2, padding=3)
+    dx, dconv, _ = torch.ops.aten.convolution_backward(
+        torch.empty_like(c), x, conv_weight, None, [2, 2], [3, 3], [1, 1], False, [0, 0], 1, [need[0], need[1], False]
+    )
+    dweight = torch.empty_like(weight) if weight is not None and need[2] else empty0(x)
+    dbias = torch.empty_like(bias) if bias is not None and need[3] else empty0(x)
+    return empty0(x) if dx is None else dx, empty0(x) if dconv is None else dconv, dweight, dbias
+
+
+def _stem_setup_context(ctx, inputs, output) -> None:
+    x, conv_weight, weight, bias, _rm, _rv, training, eps = inputs
+    _out, mean, var, winners = output
+    ctx.training, ctx.eps = training, eps
+    ctx.save_for_backward(x, conv_weight, weight, bias, mean, var, winners)
+
+
+def _stem_autograd(ctx, grad_out, _gm, _gv, _gw):
+    x, conv_weight, weight, bias, mean, var, winners = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = _stem_backward_op(grad_out, x, conv_weight, weight, bias, mean, var, winners, ctx.training, ctx.eps, need)
+    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None, None, None)
+
+
+_stem_op.register_autograd(_stem_autograd, setup_context=_stem_setup_context)
 
 
 def stem_reference(
@@ -156,9 +265,13 @@ def stem_conv_bn_relu_pool(
     rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
     group = _bn_core.sync_group([norm], training)
     with no_autocast(x.device.type):
-        out, mean, var, total = _StemFunction.apply(
-            xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv, group
-        )
+        if group is None and not eager_path(xc):  # traced (torch.compile, ...): the registered op
+            out, mean, var, _ = _stem_op(xc, w, norm.weight, norm.bias, rm, rv, training, float(norm.eps))
+            total = None
+        else:
+            out, mean, var, total = _StemFunction.apply(
+                xc, training, float(norm.eps), w, norm.weight, norm.bias, rm, rv, group
+            )
     if training and norm.running_mean is not None:
         norm.update_running(mean, var, x.shape[0] * h1 * w1 if total is None else total)
     return out

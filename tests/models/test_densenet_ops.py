@@ -528,3 +528,29 @@ def test_dense_layer_fwd_opcheck_and_bad_input(channels_last, training):
         one = torch.randn(1, c, 1, 1)
         ops.dense_layer_fwd_(one, mean1, var1, mean2, var2, None, None, w1, None, None, w2, 1e-5, 1e-5, ci, k,
                              True, False, False, False)  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_stem_registered_op_opcheck_and_matches_the_eager_path(training, channels_last):
+    """Traced calls (torch.compile) run the stem as a registered op: schema, fake kernel (with the
+    CPU max-pool winners or without), autograd; its results equal the eager path's."""
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 19, 17, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(8, 3, 7, 7, generator=g, requires_grad=True)
+    bw, bb = (torch.rand(8, generator=g) + 0.5).requires_grad_(), torch.randn(8, generator=g).requires_grad_()
+    rm, rv = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5
+    args = (x, w, bw, bb, None if training else rm, None if training else rv, training, 1e-5)
+    torch.library.opcheck(torch.ops.fastblocks.stem.default, args)
+    out, mean, var, winners = torch.ops.fastblocks.stem(*args)
+    bwd = (torch.randn_like(out), x, w, bw, bb, mean, var, winners, training, 1e-5, [True] * 4)
+    torch.library.opcheck(
+        torch.ops.fastblocks.stem_backward.default, bwd, test_utils=("test_schema", "test_faketensor")
+    )
+    norm = BatchNormParams(bw, bb, rm.clone(), rv.clone(), torch.zeros((), dtype=torch.long))
+    eager = stem_conv_bn_relu_pool(x, w, norm, training=training)
+    assert torch.equal(out, eager)
+    (gx_op,) = torch.autograd.grad(out.square().sum(), x)
+    (gx_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    assert max_abs_err(gx_op, gx_eager) <= 1e-5 * (1 + gx_eager.abs().max().item())

@@ -177,3 +177,26 @@ def test_bad_input_names_the_argument(change, exc, words):
     args.update(change)
     with pytest.raises(exc, match=words):
         bn_relu_conv_bn_add_relu2d(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_registered_tail(backend, training):
+    """The tail is a registered op (opaque to torch.compile): schema, fake kernel, autograd."""
+    skip_unless_available("batch_norm_act", backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 5, generator=g, requires_grad=True)
+    scale, shift = (torch.rand(4, generator=g) + 0.5).requires_grad_(), torch.randn(4, generator=g).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
+    identity = torch.randn(2, 6, 5, 5, generator=g, requires_grad=True)
+    bw, bb = (torch.rand(6, generator=g) + 0.5).requires_grad_(), torch.randn(6, generator=g).requires_grad_()
+    rm, rv = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5
+    args = (x, scale, shift, w, identity, bw, bb, rm, rv, [1, 1], [1, 1], [1, 1], 1, training, 1e-5)
+    with fastblocks.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastblocks.bn_relu_conv_bn_add_relu2d.default, args)
+        y, mean, var = torch.ops.fastblocks.bn_relu_conv_bn_add_relu2d(*args)
+        bwd = (torch.randn_like(y), x, scale, shift, w, bw, bb, mean, var, y, [1, 1], [1, 1], [1, 1], 1, training, 1e-5)
+        torch.library.opcheck(
+            torch.ops.fastblocks.bn_relu_conv_bn_add_relu2d_backward.default, (*bwd, [True] * 7),
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
