@@ -1,11 +1,19 @@
-"""How a model of this package switches between its fused form and its eager twin.
+"""How a model of this package switches between its forms: fused, eager twin, folded for inference.
 
 A fused module and its eager twin have the same submodules, names and state_dict; they differ
 in the class of some BatchNorm layers (``torch.nn.BatchNorm2d`` in the twin, a
-:mod:`fastblocks.nn.batchnorm` class in the fused form) and in whether a ``relu`` module exists
+:mod:`fastblocks.nn.batchnorm` class in the fused form), in whether a ``relu`` module exists
 (the eager forward calls ``self.relu``; the fused forward applies the ReLU inside the BatchNorm
-kernel). :class:`Fusable` implements the switch once for every block and model; each class only
-lists which BatchNorm becomes which fused class (:meth:`Fusable._fused_norms`).
+kernel) and in which forward runs. :class:`Fusable` implements the switch once for every block
+and model; each class only lists which BatchNorm becomes which fused class
+(:meth:`Fusable._fused_norms`).
+
+Which forward runs: a block (``_class_per_form``) has one class per form, torchvision's eager
+class and subclasses that override ``forward`` only (DenseNet's pattern), paired by
+:func:`register_form`; switching form switches the instance's class in place
+(``isinstance(block, Bottleneck)`` holds in every form). A network (ResNet, CifarResNet) keeps
+its class and reads its ``fused`` / ``folded`` flags. Folding (:meth:`Fusable.fold_bn_`) is
+:mod:`fastblocks.nn.fold`'s, by the module's ``fold_layout``.
 
 Switching never copies a tensor: the new BatchNorm module holds the old one's own ``Parameter``
 objects and buffers, so optimizers and hooks on parameters keep working.
@@ -15,10 +23,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import Tensor, nn
 
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.conv import bn_relu_conv
+from fastblocks.nn.fold import fold_layout_
 
 
 def is_batchnorm2d(module: object) -> bool:
@@ -90,15 +100,40 @@ def _insert_after(module: nn.Module, anchor: str, name: str, child: nn.Module) -
     module._modules = out
 
 
+# A block family's classes by form ("eager", "fused", "folded"); its classes share one table.
+_FORMS: dict[type, dict[str, type]] = {}
+
+
+def register_form(eager: type, form: str, cls: type) -> None:
+    """Record ``cls``, a subclass of the block class ``eager`` that overrides ``forward``, as its ``form``.
+
+    ``form`` is ``"fused"`` or ``"folded"``. Every class of the family then finds every other
+    form's class (:func:`form_class`); a subclass that registers nothing has no other form.
+    """
+    table = _FORMS.setdefault(eager, {"eager": eager})
+    table[form] = cls
+    _FORMS[cls] = table
+
+
+def form_class(module: object, form: str) -> type | None:
+    """The class of ``module``'s ``form`` (``None`` where ``type(module)`` registered none)."""
+    return _FORMS.get(type(module), {}).get(form)
+
+
 class Fusable:
-    """Mixin of every block and model that has a fused form and an eager twin.
+    """Mixin of every block and model that has a fused form, an eager twin and a folded form.
 
     Attributes:
         fused: whether the forward runs the fused ops (``True``) or torchvision's eager code.
+        folded: whether it is folded for inference (:meth:`fold_bn_`); then it has no other form.
+        fold_layout: how :func:`fastblocks.nn.fold.fold_layout_` folds it (its attribute layout).
     """
 
     fused: bool
+    folded: bool = False
+    fold_layout: str
     _relu_after: str = "bn1"  # where torchvision registers ``relu`` (printing order only)
+    _class_per_form: bool = False  # True: each form is a class (register_form); False: the flags only
 
     def _fused_norms(self) -> dict[str, type[FastBatchNorm2d]]:
         """Attribute name -> fastblocks BatchNorm class it becomes in the fused form."""
@@ -112,14 +147,22 @@ class Fusable:
             )
 
     def _fusable(self) -> bool:
-        """Whether every norm layer to fuse is a BatchNorm2d (a custom ``norm_layer`` is not)."""
+        """Whether it has a fused form: every norm layer to fuse is a BatchNorm2d (a custom ``norm_layer``
+        is not) and, for a block, its class registered a fused class."""
         self._check_not_folded()
+        if self._class_per_form and form_class(self, "fused") is None:
+            return False
         return all(is_batchnorm2d(getattr(self, name)) for name in self._fused_norms())
 
     def _set_fused(self, fused: bool) -> None:
         """Switch this module (not its children) to the fused form or to the eager twin, in place."""
         assert isinstance(self, nn.Module)
         self._check_not_folded()
+        if fused and self._class_per_form and form_class(self, "fused") is None:
+            raise ValueError(
+                f"{type(self).__name__} cannot be fused: it registered no fused form "
+                "(fastblocks.models._fusion.register_form); it stays eager"
+            )
         if fused and not self._fusable():
             kinds = sorted({type(getattr(self, n)).__name__ for n in self._fused_norms()})
             raise ValueError(
@@ -133,7 +176,27 @@ class Fusable:
                 del self._modules["relu"]
         elif not isinstance(self._modules.get("relu"), nn.ReLU):
             _insert_after(self, self._relu_after, "relu", nn.ReLU(inplace=True))
+        cls = form_class(self, "fused" if fused else "eager") if self._class_per_form else None
+        if cls is not None:
+            self.__class__ = cls
         self.fused = fused
+
+    @torch.no_grad()
+    def fold_bn_(self) -> None:
+        """Fold the BatchNorms into the convolutions, in place, for inference (:func:`fastblocks.fold_bn`).
+
+        :func:`fastblocks.nn.fold.fold_layout_` folds the modules by ``fold_layout`` (each layout's
+        result is described there); a block then takes its folded form (class). Works on the
+        fused form and on the eager twin. When a BatchNorm has no running statistics nothing is
+        folded; a block subclass that registered no folded form is left as it is. Calling it
+        again is a no-op.
+        """
+        assert isinstance(self, nn.Module)
+        folded = form_class(self, "folded")
+        if self._class_per_form and folded is None:
+            return  # its forward may be its own: it would not run the folded modules
+        if fold_layout_(self) and folded is not None:
+            self.__class__ = folded
 
 
 def set_fused(model: nn.Module, fused: bool) -> int:

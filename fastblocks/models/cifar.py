@@ -29,18 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastblocks.models.resnet import (
-    BasicBlock,
-    Block,
-    BlockVariant,
-    NormLayer,
-    ShortcutType,
-    _block_for,
-    _ovewrite_named_param,
-    _ResNetBase,
-    check_no_weights,
-    conv3x3,
-)
+from fastblocks.models._resnet_blocks import BasicBlock, Block, BlockVariant, NormLayer, ShortcutType, conv3x3
+from fastblocks.models.resnet import _block_for, _ovewrite_named_param, _ResNetBase, check_no_weights
 
 __all__ = [
     "CifarResNet",

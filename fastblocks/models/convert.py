@@ -6,7 +6,8 @@
   * blocks shaped like torchvision's ``BasicBlock``/``Bottleneck`` (children ``conv1``, ``bn1``,
     ``conv2``, ``bn2`` [, ``conv3``, ``bn3``], ``relu``, optional ``downsample``, and nothing
     else), which become :class:`~fastblocks.models.resnet.BasicBlock` /
-    :class:`~fastblocks.models.resnet.Bottleneck` holding the same submodules, in fused form;
+    :class:`~fastblocks.models.resnet.Bottleneck` blocks holding the same submodules, in fused
+    form (their fused subclass, :mod:`fastblocks.models._resnet_fused`);
   * a torchvision ``ResNet`` (class named ``ResNet`` with torchvision's children ``conv1``,
     ``bn1``, ``relu``, ``maxpool``, ``layer1..4``, ``avgpool``, ``fc``), which becomes a
     :class:`~fastblocks.models.resnet.ResNet` with a fused stem (subclasses with their own
@@ -44,6 +45,7 @@ from fastblocks.models._fusion import (
     set_fused,
     swap_batchnorm,
 )
+from fastblocks.models._resnet_fused import plan_tails
 from fastblocks.models.resnet import BasicBlock, Bottleneck, ResNet, _ResNetBase
 from fastblocks.nn.activation import AddReLU
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
@@ -161,7 +163,7 @@ def _convert(m: nn.Module) -> nn.Module:
     if type(m) is nn.Sequential:
         m = _fuse_sequential(m)
     if isinstance(m, ResNet):  # its blocks are adopted now: choose which tails recompute
-        m._plan_tails()
+        plan_tails(m)
     if isinstance(m, Fusable) and m._fusable():
         m._set_fused(True)
     return m

@@ -26,9 +26,20 @@ BatchNorm that directly follows a convolution into it; for the default network e
 conv+BN(+ReLU) is then one :class:`~fastblocks.nn.fold.FoldedConv2d` call, the block tail
 ``relu(bn_last(conv_last(.)) + shortcut)`` one call with the residual as a fused add
 (oneDNN's binary post-op on the CPU, cuDNN's conv-add-ReLU on CUDA), the projection shortcut
-one conv, and no BatchNorm is left. Per variant, see :meth:`BasicBlock.fold_bn_` and
-:meth:`PreActBasicBlock.fold_bn_`. A folded model is for inference only and its state_dict
-holds the folded weights, not torchvision's keys.
+one conv, and no BatchNorm is left. Per variant, see
+:func:`fastblocks.nn.fold.fold_residual_block_` and :func:`fastblocks.nn.fold.fold_preact_block_`.
+A folded model is for inference only and its state_dict holds the folded weights, not
+torchvision's keys.
+
+Where the code is: this module holds the networks (:class:`ResNet`, the parts CIFAR's
+:class:`~fastblocks.models.cifar.CifarResNet` shares) and the builders; the blocks, as
+torchvision writes them, are in :mod:`fastblocks.models._resnet_blocks` (imported here, so
+``fastblocks.models.resnet.Bottleneck`` is the class); their fused forms (subclasses that
+override ``forward``), the fused stem and the ``memory_efficient`` plan in
+:mod:`fastblocks.models._resnet_fused`; the switch between forms in
+:mod:`fastblocks.models._fusion`; folding in :mod:`fastblocks.nn.fold`. A block's form is its
+class (``Bottleneck``, its fused subclass, its folded subclass), switched in place; a network
+keeps its class and reads its ``fused`` / ``folded`` flags.
 
 Options beyond torchvision (keyword-only; the defaults give torchvision's network):
 
@@ -75,19 +86,31 @@ Options beyond torchvision (keyword-only; the defaults give torchvision's networ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from fastblocks.models._fusion import Fusable, fused_bn_relu_conv, set_fused
+from fastblocks.models._fusion import Fusable, set_fused
+from fastblocks.models._resnet_blocks import (
+    BLOCK_VARIANTS,
+    BasicBlock,
+    Block,
+    BlockVariant,
+    Bottleneck,
+    NormLayer,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ShortcutType,
+    ZeroPadShortcut,
+    _PreActBlock,
+    _ResidualBlock,
+    conv1x1,
+)
+from fastblocks.models._resnet_fused import fused_stem, plan_tails, runs_fused_stem
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
-from fastblocks.nn.batchnorm import BatchNormReLU2d, BNAddReLU
-from fastblocks.nn.conv import bn_relu_conv_bn_add_relu
-from fastblocks.nn.fold import FoldedConv2d, FrozenBatchNorm2d, bn_scale_shift, fold_modules_, has_running_stats
-from fastblocks.ops import BatchNormParams, stem_conv_bn_relu_pool
+from fastblocks.nn.batchnorm import BatchNormReLU2d
 
 __all__ = [
     "BasicBlock",
@@ -110,546 +133,6 @@ __all__ = [
     "wide_resnet101_2",
 ]
 
-BlockVariant = Literal["original", "bn_after_add", "relu_before_add", "preact"]
-ShortcutType = Literal["A", "B"] | None
-NormLayer = Callable[[int], nn.Module]
-
-BLOCK_VARIANTS: tuple[str, ...] = ("original", "bn_after_add", "relu_before_add", "preact")
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding (torchvision's helper): ``[N, in, H, W] -> [N, out, H/stride, W/stride]``."""
-    return nn.Conv2d(
-        in_planes,
-        out_planes,
-        kernel_size=3,
-        stride=stride,
-        padding=dilation,
-        groups=groups,
-        bias=False,
-        dilation=dilation,
-    )
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution (torchvision's helper): ``[N, in, H, W] -> [N, out, H/stride, W/stride]``."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option A shortcut (He et al. 2016, Sec. 3.3): identity, subsampled, with zero channels appended.
-
-    Parameter-free. ``[N, C_in, H, W] -> [N, C_out, ceil(H/stride), ceil(W/stride)]``; channels
-    ``C_in..C_out-1`` are zero (as the authors' Torch code: ``concat(x, 0 * x)``).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        if out_channels < in_channels:
-            raise ValueError(f"option A shortcut cannot reduce channels ({in_channels} -> {out_channels})")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.stride = stride
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_channels - self.in_channels
-        if extra:
-            x = F.pad(x, (0, 0, 0, 0, 0, extra))
-        return x
-
-
-# ----------------------------------------------------------------------------- blocks
-class _ResidualBlock(Fusable, nn.Module):
-    """What the post-activation blocks share: the end of the block, per variant, fused or eager."""
-
-    expansion: int = 1
-    _last_bn: str = "bn2"  # the BN closing the residual branch (zero_init_residual sets its gamma)
-
-    _convs: tuple[str, ...] = ("conv1", "conv2")  # in forward order; conv_i is followed by bn_i
-
-    # Set by __init__ of the subclasses.
-    variant: str
-    residual: bool
-    downsample: nn.Module | None
-    folded: bool = False  # set by fold_bn_()
-
-    def _fused_norms(self) -> dict[str, type[FastBatchNorm2d]]:
-        norms: dict[str, type[FastBatchNorm2d]] = {
-            n: BatchNormReLU2d for n in ("bn1", "bn2", "bn3") if hasattr(self, n)
-        }
-        if self.residual and self.variant == "original":
-            norms[self._last_bn] = BNAddReLU
-        return norms
-
-    def _end_eager(self, out: Tensor, identity: Tensor, bn: nn.Module) -> Tensor:
-        if not self.residual:  # plain network: conv-BN-ReLU only
-            return self.relu(bn(out))
-        if self.variant == "bn_after_add":
-            out += identity
-            out = bn(out)
-            return self.relu(out)
-        if self.variant == "relu_before_add":
-            out = self.relu(bn(out))
-            return out + identity
-        out = bn(out)
-        out += identity
-        return self.relu(out)
-
-    def _end_fused(self, out: Tensor, identity: Tensor, bn: nn.Module) -> Tensor:
-        if not self.residual:
-            return bn(out)  # BatchNormReLU2d
-        if self.variant == "bn_after_add":
-            return bn(out + identity)  # BatchNormReLU2d
-        if self.variant == "relu_before_add":
-            return bn(out) + identity  # BatchNormReLU2d
-        return bn(out, identity)  # BNAddReLU: relu(bn(out) + identity)
-
-    @torch.no_grad()
-    def fold_bn_(self) -> None:
-        """Fold every BatchNorm into the convolution before it, in place, for inference.
-
-        Each ``conv_i`` becomes a :class:`~fastblocks.nn.fold.FoldedConv2d` with ``bn_i`` (and the
-        ReLU after it) inside; the ``bn_i`` and ``relu`` modules are removed. The last one, per
-        variant (``s, t``: the last BN's ``x s + t``):
-
-        - ``original``: ``relu(conv_last'(h) + shortcut(x))``, one call (the residual is the
-          fused add); a projection shortcut (1x1 conv + BN) becomes one folded conv;
-        - ``bn_after_add``: ``relu(s (F + P x) + t) = relu(conv_last'(h) + (s P) x)``: exact, the
-          BN after the addition is folded into the last conv *and* the shortcut: the projection's
-          weights are scaled by ``s``, an identity shortcut is multiplied by ``s`` (the buffer
-          ``shortcut_scale``), then one call;
-        - ``relu_before_add``: ``relu(conv_last'(h)) + shortcut(x)``: one call, then the addition
-          (a ReLU before the add is not a post-op after it);
-        - plain (``residual=False``): ``relu(conv_last'(h))``, one call.
-
-        Works on the fused block and on its eager twin (same modules). When a BatchNorm has no
-        running statistics (``track_running_stats=False``, so eval normalizes with batch
-        statistics) nothing is folded. Calling it again is a no-op.
-        """
-        if self.folded:
-            return
-        bns = [getattr(self, "bn" + c[4:]) for c in self._convs]
-        projection = _projection(self.downsample)
-        if projection and projection[1] is not None:
-            bns.append(projection[1])
-        if not all(has_running_stats(bn) for bn in bns):
-            return
-        # bn_after_add: the last BN's scale s multiplies the shortcut too.
-        scale = (
-            bn_scale_shift(bns[len(self._convs) - 1])[0] if self.residual and self.variant == "bn_after_add" else None
-        )
-        for name in self._convs:
-            setattr(self, name, FoldedConv2d(getattr(self, name), getattr(self, "bn" + name[4:]), relu=True))
-            delattr(self, "bn" + name[4:])
-        if projection:
-            self.downsample = FoldedConv2d(*projection, relu=False)
-            if scale is not None:
-                self.downsample.scale_output_(scale)
-        elif self.downsample is not None:
-            fold_modules_(self.downsample)
-        if scale is not None and not projection:
-            self.register_buffer("shortcut_scale", scale.to(getattr(self, self._convs[-1]).weight.dtype))
-        if "relu" in self._modules:
-            del self._modules["relu"]
-        self.folded = True
-
-    def _forward_folded(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = x
-        for name in self._convs[:-1]:
-            out = getattr(self, name)(out)  # conv + BN + ReLU, one call
-        last = getattr(self, self._convs[-1])
-        if not self.residual:
-            return last(out)
-        if self.variant == "relu_before_add":
-            return last(out) + identity
-        scale = getattr(self, "shortcut_scale", None)  # bn_after_add with a parameter-free shortcut
-        if scale is not None:
-            identity = identity * scale.view(1, -1, 1, 1)
-        return last(out, identity)  # relu(conv + BN + residual), one call
-
-
-def _projection(shortcut: nn.Module | None) -> tuple[nn.Conv2d, nn.Module | None] | None:
-    """``(conv, bn or None)`` of a projection shortcut ``Sequential(Conv2d[, BatchNorm2d])``, else ``None``."""
-    if not isinstance(shortcut, nn.Sequential) or not 1 <= len(shortcut) <= 2:
-        return None
-    conv, bn = shortcut[0], shortcut[1] if len(shortcut) == 2 else None
-    if type(conv) is not nn.Conv2d or not (bn is None or isinstance(bn, nn.BatchNorm2d)):
-        return None
-    return conv, bn
-
-
-def _check_block_args(variant: str, allowed: tuple[str, ...], cls: str) -> None:
-    if variant not in allowed:
-        raise ValueError(f"{cls} variant must be one of {allowed}, got {variant!r}")
-
-
-class BasicBlock(_ResidualBlock):
-    """torchvision's BasicBlock: two 3x3 convolutions (ResNet-18/34).
-
-    Args: as torchvision (``groups`` and ``base_width`` must be 1 and 64, ``dilation`` 1), plus
-    keyword-only ``variant`` (``"original"``, ``"bn_after_add"``, ``"relu_before_add"``; see the
-    module docstring), ``residual`` (``False``: no shortcut, a block of a plain network) and
-    ``stride_on_1x1`` (accepted for symmetry with :class:`Bottleneck`; no effect).
-
-    The block starts eager (``fused=False``); :class:`ResNet` switches it.
-    Shapes: ``[N, inplanes, H, W] -> [N, planes, H/stride, W/stride]``.
-    """
-
-    expansion: int = 1
-    _last_bn = "bn2"
-    _relu_after = "bn1"
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: NormLayer | None = None,
-        *,
-        variant: str = "original",
-        residual: bool = True,
-        stride_on_1x1: bool = False,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        _check_block_args(variant, BLOCK_VARIANTS[:3], "BasicBlock")
-        # Both self.conv1 and self.downsample layers downsample the input when stride != 1
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-        self.variant = variant
-        self.residual = residual
-        self.fused = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.folded:
-            return self._forward_folded(x)
-        if self.fused:
-            identity = x if self.downsample is None else self.downsample(x)
-            out = fused_bn_relu_conv(self.conv1(x), self.bn1, self.conv2)
-            return self._end_fused(out, identity, self.bn2)
-
-        identity = x
-
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-
-        out = self.conv2(out)
-
-        if self.downsample is not None:
-            identity = self.downsample(x)
-
-        return self._end_eager(out, identity, self.bn2)
-
-
-class Bottleneck(_ResidualBlock):
-    """torchvision's Bottleneck: 1x1 (reduce), 3x3 (grouped for ResNeXt), 1x1 (expand x4).
-
-    The stride sits on the 3x3 (torchvision's v1.5) unless ``stride_on_1x1=True`` (the
-    paper's v1). Other arguments as :class:`BasicBlock`; ``width = int(planes * base_width / 64) * groups``.
-    Shapes: ``[N, inplanes, H, W] -> [N, 4 * planes, H/stride, W/stride]``.
-    """
-
-    expansion: int = 4
-    _last_bn = "bn3"
-    _relu_after = "bn3"
-    _convs = ("conv1", "conv2", "conv3")
-    recompute_tail: bool = True  # set per block by ResNet._plan_tails
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: NormLayer | None = None,
-        *,
-        variant: str = "original",
-        residual: bool = True,
-        stride_on_1x1: bool = False,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        _check_block_args(variant, BLOCK_VARIANTS[:3], "Bottleneck")
-        width = int(planes * (base_width / 64.0)) * groups
-        stride_1x1, stride_3x3 = (stride, 1) if stride_on_1x1 else (1, stride)
-        # Both self.conv2 (or self.conv1 with stride_on_1x1) and self.downsample downsample the input when stride != 1
-        self.conv1 = conv1x1(inplanes, width, stride_1x1)
-        self.bn1 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, stride_3x3, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self.variant = variant
-        self.residual = residual
-        self.fused = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.folded:
-            return self._forward_folded(x)
-        if self.fused:
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.conv1(x)
-            out = fused_bn_relu_conv(out, self.bn1, self.conv2)
-            if self.recompute_tail and self.residual and self.variant == "original":
-                # relu(bn3(conv3(relu(bn2(out)))) + identity) as one node: conv3's input and output
-                # (5 of the 12 units of a bottleneck's eager saved bytes) are recomputed in backward.
-                return bn_relu_conv_bn_add_relu(out, self.bn2, self.conv3, self.bn3, identity)
-            out = fused_bn_relu_conv(out, self.bn2, self.conv3)
-            return self._end_fused(out, identity, self.bn3)
-
-        identity = x
-
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-
-        out = self.conv2(out)
-        out = self.bn2(out)
-        out = self.relu(out)
-
-        out = self.conv3(out)
-
-        if self.downsample is not None:
-            identity = self.downsample(x)
-
-        return self._end_eager(out, identity, self.bn3)
-
-
-class _PreActBlock(Fusable, nn.Module):
-    """Full pre-activation (He et al. 2016b, Fig. 4e): every conv reads ``relu(bn(.))`` of its input.
-
-    When there is a projection shortcut, it reads the pre-activated input too (the paper's
-    "first activation ... before splitting into two paths"; the authors' Torch code, timm's
-    ResNetV2); an identity shortcut reads the raw input. No ReLU after the addition.
-    """
-
-    expansion: int = 1
-    _last_bn: str = "bn2"
-    _relu_after = "bn1"
-    variant = "preact"
-    _convs: tuple[str, ...] = ("conv1", "conv2")  # in forward order; conv_i is preceded by bn_i
-    residual: bool
-    downsample: nn.Module | None
-    folded: bool = False  # set by fold_bn_()
-
-    def _fused_norms(self) -> dict[str, type[FastBatchNorm2d]]:
-        return {n: BatchNormReLU2d for n in ("bn1", "bn2", "bn3") if hasattr(self, n)}
-
-    @torch.no_grad()
-    def fold_bn_(self) -> None:
-        """Fold what is exact, in place, for inference: ``bn_{i+1}`` into ``conv_i``.
-
-        ``conv_i`` -> ``bn_{i+1}`` -> ReLU -> ``conv_{i+1}``: ``bn_{i+1}`` (and the ReLU) fold
-        into ``conv_i`` (:class:`~fastblocks.nn.fold.FoldedConv2d`, one call). ``bn1`` cannot be
-        folded: the previous block's addition comes before it and a ReLU after it (``relu(x s +
-        t)`` is no affine map of ``relu(x)``), so it stays as an eval-mode fused BN-ReLU,
-        :class:`~fastblocks.nn.fold.FrozenBatchNorm2d`. The last convolution has no BN after it:
-        it runs with the shortcut as a fused add (no ReLU), ``conv_last(h) + shortcut``, one call;
-        a projection shortcut (a bare 1x1 conv) becomes a FoldedConv2d too. The ``bn_i`` and
-        ``relu`` modules are removed. Works on the fused block and on its eager twin. When a
-        BatchNorm has no running statistics nothing is folded. Calling it again is a no-op.
-        """
-        if self.folded:
-            return
-        bns = [getattr(self, f"bn{i + 1}") for i in range(len(self._convs))]
-        if not all(has_running_stats(bn) for bn in bns):
-            return
-        self.bn1 = FrozenBatchNorm2d(self.bn1, relu=True)
-        for i, name in enumerate(self._convs):
-            after = f"bn{i + 2}" if i + 1 < len(self._convs) else None
-            setattr(self, name, FoldedConv2d(getattr(self, name), getattr(self, after) if after else None,
-                                             relu=after is not None))  # fmt: skip
-            if after:
-                delattr(self, after)
-        projection = _projection(self.downsample)
-        if projection and projection[1] is None:
-            self.downsample = FoldedConv2d(projection[0], None, relu=False)
-        elif self.downsample is not None:
-            fold_modules_(self.downsample)
-        if "relu" in self._modules:
-            del self._modules["relu"]
-        self.folded = True
-
-    def _forward_folded(self, x: Tensor) -> Tensor:
-        act = self.bn1(x)  # FrozenBatchNorm2d: eval BN + ReLU, one pass
-        identity = x if self.downsample is None else self.downsample(act)
-        out = act
-        for name in self._convs[:-1]:
-            out = getattr(self, name)(out)  # conv + next BN + ReLU, one call
-        last = getattr(self, self._convs[-1])
-        return last(out, identity) if self.residual else last(out)  # conv (+ shortcut), one call
-
-    def _enter_fused(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(conv1's output, shortcut) of the fused form."""
-        if self.downsample is None:
-            return fused_bn_relu_conv(x, self.bn1, self.conv1), x
-        act = self.bn1(x)  # BatchNormReLU2d: conv1 and the projection both read it
-        return self.conv1(act), self.downsample(act)
-
-    def _enter_eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.bn1(x)
-        out = self.relu(out)
-        identity = x if self.downsample is None else self.downsample(out)
-        return self.conv1(out), identity
-
-    def _add(self, out: Tensor, identity: Tensor) -> Tensor:
-        if self.residual:
-            out += identity  # out is a convolution's output, which its backward does not need
-        return out
-
-
-class PreActBasicBlock(_PreActBlock):
-    """Pre-activation BasicBlock: ``x + conv2(relu(bn2(conv1(relu(bn1(x))))))``.
-
-    Arguments as :class:`BasicBlock` (``variant`` may only be ``"preact"``). ``bn1`` normalizes
-    the ``inplanes`` input channels.
-    Shapes: ``[N, inplanes, H, W] -> [N, planes, H/stride, W/stride]``.
-    """
-
-    expansion: int = 1
-    _last_bn = "bn2"
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: NormLayer | None = None,
-        *,
-        variant: str = "preact",
-        residual: bool = True,
-        stride_on_1x1: bool = False,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        _check_block_args(variant, ("preact",), "PreActBasicBlock")
-        self.bn1 = norm_layer(inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn2 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.downsample = downsample
-        self.stride = stride
-        self.residual = residual
-        self.fused = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.folded:
-            return self._forward_folded(x)
-        if self.fused:
-            out, identity = self._enter_fused(x)
-            out = fused_bn_relu_conv(out, self.bn2, self.conv2)
-            return self._add(out, identity)
-
-        out, identity = self._enter_eager(x)
-        out = self.bn2(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        return self._add(out, identity)
-
-
-class PreActBottleneck(_PreActBlock):
-    """Pre-activation Bottleneck: ``x + conv3(relu(bn3(conv2(relu(bn2(conv1(relu(bn1(x)))))))))``.
-
-    Arguments as :class:`Bottleneck` (``variant`` may only be ``"preact"``); ``bn1`` normalizes
-    the ``inplanes`` input channels, ``bn2``/``bn3`` the ``width`` channels of conv1/conv2.
-    Shapes: ``[N, inplanes, H, W] -> [N, 4 * planes, H/stride, W/stride]``.
-    """
-
-    expansion: int = 4
-    _last_bn = "bn3"
-    _convs = ("conv1", "conv2", "conv3")
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: NormLayer | None = None,
-        *,
-        variant: str = "preact",
-        residual: bool = True,
-        stride_on_1x1: bool = False,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        _check_block_args(variant, ("preact",), "PreActBottleneck")
-        width = int(planes * (base_width / 64.0)) * groups
-        stride_1x1, stride_3x3 = (stride, 1) if stride_on_1x1 else (1, stride)
-        self.bn1 = norm_layer(inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv1 = conv1x1(inplanes, width, stride_1x1)
-        self.bn2 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, stride_3x3, groups, dilation)
-        self.bn3 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.downsample = downsample
-        self.stride = stride
-        self.residual = residual
-        self.fused = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.folded:
-            return self._forward_folded(x)
-        if self.fused:
-            out, identity = self._enter_fused(x)
-            out = fused_bn_relu_conv(out, self.bn2, self.conv2)
-            out = fused_bn_relu_conv(out, self.bn3, self.conv3)
-            return self._add(out, identity)
-
-        out, identity = self._enter_eager(x)
-        out = self.bn2(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn3(out)
-        out = self.relu(out)
-        out = self.conv3(out)
-        return self._add(out, identity)
-
-
-Block = type[BasicBlock] | type[Bottleneck] | type[PreActBasicBlock] | type[PreActBottleneck]
 _PREACT_OF: dict[type, type] = {BasicBlock: PreActBasicBlock, Bottleneck: PreActBottleneck}
 
 
@@ -671,15 +154,19 @@ def _block_for(block: Block, variant: str) -> Block:
 
 # ----------------------------------------------------------------------------- networks
 class _ResNetBase(Fusable, nn.Module):
-    """What the ImageNet and CIFAR networks share: stages, shortcuts, init, input checks, fusing."""
+    """What the ImageNet and CIFAR networks share: stages, shortcuts, init, input checks, fusing.
+
+    One class in every form: the forward reads ``fused`` and ``folded`` (set by
+    :meth:`~fastblocks.models._fusion.Fusable.fold_bn_`, :func:`fastblocks.nn.fold.fold_resnet_`).
+    """
 
     _relu_after = "bn1"
+    fold_layout = "resnet"
 
     # Set by the subclasses' __init__.
     conv1: nn.Conv2d
     block_variant: str
     fused: bool
-    folded: bool = False  # set by fold_bn_()
 
     def _setup(
         self,
@@ -785,34 +272,6 @@ class _ResNetBase(Fusable, nn.Module):
     def _bn_relu(self, bn: nn.Module, x: Tensor) -> Tensor:
         # Fused: the BatchNormReLU2d applies the ReLU itself; folded: the FrozenBatchNorm2d does.
         return bn(x) if self.fused or self.folded else self.relu(bn(x))
-
-    @torch.no_grad()
-    def fold_bn_(self) -> None:
-        """Fold the network for inference, in place: the stem and every block (see the module docstring).
-
-        The stem's ``conv1`` + ``bn1`` + ReLU become one :class:`~fastblocks.nn.fold.FoldedConv2d`
-        (``bn1`` and ``relu`` are removed); with ``block_variant="preact"`` the stem has no BN and
-        ``bn_final`` (BN-ReLU after the last addition, no convolution after it) stays as an
-        eval-mode :class:`~fastblocks.nn.fold.FrozenBatchNorm2d`. Blocks fold through their own
-        ``fold_bn_()``. A stem BatchNorm without running statistics is left as it is.
-        """
-        if self.folded:
-            return
-        stem_bn = getattr(self, "bn_final" if self.block_variant == "preact" else "bn1")
-        for name, child in list(self.named_children()):
-            if name not in ("conv1", "bn1", "bn_final"):
-                fold_modules_(child)
-        if not has_running_stats(stem_bn):
-            return
-        if self.block_variant == "preact":
-            self.conv1 = FoldedConv2d(self.conv1, None, relu=False)  # the oneDNN path with a packed weight
-            self.bn_final = FrozenBatchNorm2d(self.bn_final, relu=True)
-        else:
-            self.conv1 = FoldedConv2d(self.conv1, self.bn1, relu=True)
-            del self.bn1
-        if "relu" in self._modules:
-            del self._modules["relu"]
-        self.folded = True
 
     def _stages(self) -> list[nn.Module]:
         return [m for name, m in self.named_children() if name.startswith("layer")]
@@ -957,61 +416,14 @@ class ResNet(_ResNetBase):
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
         self._init_weights(zero_init_residual)
-        self._plan_tails()
+        plan_tails(self)
         self._finish(fused)
 
     memory_efficient: bool | None = None  # a ResNet adopted by convert() keeps the default
 
-    def _plan_tails(self) -> None:
-        """Set each bottleneck's ``recompute_tail`` from ``memory_efficient`` (module docstring).
-
-        Sizes are per input pixel: a tail's output has ``4 planes`` channels at ``1 / s**2`` of
-        the input's pixels, ``s`` the cumulative stride (the stem's 4, then each stride-2 block's).
-        The budget is 10% of ``12 planes / s**2`` summed over the bottlenecks.
-        """
-        tails: list[tuple[float, int, Bottleneck]] = []  # (output size, -order, block)
-        budget, stride = 0.0, 4
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer:
-                stride *= getattr(block, "stride", 1)
-                if isinstance(block, Bottleneck):
-                    size = block.bn3.num_features / stride**2
-                    tails.append((size, -len(tails), block))
-                    budget += 0.1 * 12 * (size / Bottleneck.expansion)
-        if self.memory_efficient is not None:
-            for *_, block in tails:
-                block.recompute_tail = self.memory_efficient
-            return
-        kept = 0.0
-        for size, _, block in sorted(tails, key=lambda t: t[:2]):  # smallest first; ties: latest first
-            block.recompute_tail = kept + size > budget
-            kept += 0.0 if block.recompute_tail else size
-
-    def _fused_stem(self) -> bool:
-        """Whether the stem is torchvision's conv7x7/2 - BN - ReLU - maxpool3x3/2, run as one node."""
-        conv, pool = self.conv1, self.maxpool
-        return (
-            self.fused
-            and self.memory_efficient is not False
-            and not self.folded
-            and self.block_variant != "preact"
-            and type(conv) is nn.Conv2d
-            and conv.bias is None
-            and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
-            == ((7, 7), (2, 2), (3, 3), (1, 1), 1)
-            and isinstance(self.bn1, nn.BatchNorm2d)
-            and isinstance(pool, nn.MaxPool2d)
-            and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (3, 2, 1, 1, False)
-        )
-
     def _forward_impl(self, x: Tensor) -> Tensor:
-        if self._fused_stem():
-            # One node that keeps the network input for backward (and on the CPU one byte per
-            # pooled output, the max-pool's winners); it recomputes the conv (3% of ResNet-50's
-            # forward MACs) instead of keeping its output, the ReLU output and the max-pool's
-            # int64 indices (at 224x224: more than every bottleneck of layer1 keeps).
-            norm = BatchNormParams.from_module(self.bn1)
-            x = stem_conv_bn_relu_pool(x, self.conv1.weight, norm, training=self.bn1.training)
+        if runs_fused_stem(self):
+            x = fused_stem(self, x)  # conv1, bn1, relu, maxpool as one node that recomputes the conv
         else:
             x = self.conv1(x)
             if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes

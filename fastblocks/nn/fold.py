@@ -21,9 +21,13 @@ One-call fused paths (otherwise conv2d, then add, then ReLU):
   (+ ``add``) (+ ``relu``), so an exported program holds portable aten ops only (the oneDNN ops
   have no fake kernel for export) and inductor applies its own conv fusions.
 
-Blocks that know their own structure (the residual blocks of :mod:`fastblocks.models`) fold
-themselves through a ``fold_bn_()`` method; :func:`fold_bn` calls it, and folds
-``Conv2d -> BatchNorm2d [-> ReLU]`` runs inside ``nn.Sequential``.
+What :func:`fold_bn` folds (:func:`fold_modules_`): a module with a ``fold_bn_()`` method folds
+itself; ``Conv2d -> BatchNorm2d [-> ReLU]`` runs inside ``nn.Sequential`` become one
+:class:`FoldedConv2d`. The blocks and networks of :mod:`fastblocks.models` (ResNet family) all
+fold here, by their attribute layout (torchvision's names; their ``fold_layout``):
+:func:`fold_layout_` and one function per layout, ``"residual"`` (:func:`fold_residual_block_`),
+``"preact"`` (:func:`fold_preact_block_`), ``"resnet"`` (:func:`fold_resnet_`); a folded block runs
+:func:`forward_folded_residual` / :func:`forward_folded_preact` (its folded form's ``forward``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,13 @@ __all__ = [
     "bn_scale_shift",
     "fold_bn",
     "fold_conv_bn_weights",
+    "fold_layout_",
     "fold_modules_",
+    "fold_preact_block_",
+    "fold_residual_block_",
+    "fold_resnet_",
+    "forward_folded_preact",
+    "forward_folded_residual",
     "has_running_stats",
 ]
 
@@ -293,6 +303,188 @@ def fold_modules_(module: nn.Module) -> None:
         _fold_sequential(module)
     for child in list(module.children()):
         fold_modules_(child)
+
+
+# ----------------------------------------------------------------------------- fastblocks.models' layouts
+def _projection(shortcut: nn.Module | None) -> tuple[nn.Conv2d, nn.Module | None] | None:
+    """``(conv, bn or None)`` of a projection shortcut ``Sequential(Conv2d[, BatchNorm2d])``, else ``None``."""
+    if not isinstance(shortcut, nn.Sequential) or not 1 <= len(shortcut) <= 2:
+        return None
+    conv, bn = shortcut[0], shortcut[1] if len(shortcut) == 2 else None
+    if type(conv) is not nn.Conv2d or not (bn is None or isinstance(bn, nn.BatchNorm2d)):
+        return None
+    return conv, bn
+
+
+def _convs(block: nn.Module) -> list[str]:
+    """``conv1``, ``conv2`` [, ``conv3``]: a block's convolutions in forward order."""
+    return [name for name in ("conv1", "conv2", "conv3") if name in block._modules]
+
+
+def _drop_relu(module: nn.Module) -> None:
+    if "relu" in module._modules:
+        del module._modules["relu"]
+
+
+@torch.no_grad()
+def fold_residual_block_(block: nn.Module) -> bool:
+    """Fold a post-activation block (``fold_layout = "residual"``: BasicBlock, Bottleneck) in place.
+
+    Layout: ``conv_i`` followed by ``bn_i`` (i = 1, 2 [, 3]), ``downsample`` (``None``, a
+    projection ``Sequential(conv1x1, BN)`` or another shortcut), ``relu``, and the attributes
+    ``variant`` and ``residual``. Each ``conv_i`` becomes a :class:`FoldedConv2d` with ``bn_i``
+    (and the ReLU after it) inside; the ``bn_i`` and ``relu`` modules are removed. The last one,
+    per variant (``s, t``: the last BN's ``x s + t``):
+
+    - ``original``: ``relu(conv_last'(h) + shortcut(x))``, one call (the residual is the
+      fused add); a projection shortcut (1x1 conv + BN) becomes one folded conv;
+    - ``bn_after_add``: ``relu(s (F + P x) + t) = relu(conv_last'(h) + (s P) x)``: exact, the
+      BN after the addition is folded into the last conv *and* the shortcut: the projection's
+      weights are scaled by ``s``, an identity shortcut is multiplied by ``s`` (the buffer
+      ``shortcut_scale``), then one call;
+    - ``relu_before_add``: ``relu(conv_last'(h)) + shortcut(x)``: one call, then the addition
+      (a ReLU before the add is not a post-op after it);
+    - plain (``residual=False``): ``relu(conv_last'(h))``, one call.
+
+    Returns:
+        whether it folded: not when a BatchNorm has no running statistics
+        (``track_running_stats=False``, so eval normalizes with batch statistics).
+    """
+    convs = _convs(block)
+    bns = [getattr(block, "bn" + c[4:]) for c in convs]
+    projection = _projection(block.downsample)
+    if projection and projection[1] is not None:
+        bns.append(projection[1])
+    if not all(has_running_stats(bn) for bn in bns):
+        return False
+    # bn_after_add: the last BN's scale s multiplies the shortcut too.
+    scale = bn_scale_shift(bns[len(convs) - 1])[0] if block.residual and block.variant == "bn_after_add" else None
+    for name in convs:
+        setattr(block, name, FoldedConv2d(getattr(block, name), getattr(block, "bn" + name[4:]), relu=True))
+        delattr(block, "bn" + name[4:])
+    if projection:
+        block.downsample = FoldedConv2d(*projection, relu=False)
+        if scale is not None:
+            block.downsample.scale_output_(scale)
+    elif block.downsample is not None:
+        fold_modules_(block.downsample)
+    if scale is not None and not projection:
+        block.register_buffer("shortcut_scale", scale.to(getattr(block, convs[-1]).weight.dtype))
+    _drop_relu(block)
+    block.folded = True
+    return True
+
+
+def forward_folded_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block folded by :func:`fold_residual_block_`: ``[N, C_in, H, W] -> [N, C_out, H_out, W_out]``."""
+    identity = x if block.downsample is None else block.downsample(x)
+    *first, last_name = _convs(block)
+    out = x
+    for name in first:
+        out = getattr(block, name)(out)  # conv + BN + ReLU, one call
+    last = getattr(block, last_name)
+    if not block.residual:
+        return last(out)
+    if block.variant == "relu_before_add":
+        return last(out) + identity
+    scale = getattr(block, "shortcut_scale", None)  # bn_after_add with a parameter-free shortcut
+    if scale is not None:
+        identity = identity * scale.view(1, -1, 1, 1)
+    return last(out, identity)  # relu(conv + BN + residual), one call
+
+
+@torch.no_grad()
+def fold_preact_block_(block: nn.Module) -> bool:
+    """Fold a full pre-activation block (``fold_layout = "preact"``) in place, where it is exact.
+
+    Layout: ``bn_i`` (+ ReLU) in front of ``conv_i`` (i = 1, 2 [, 3]), ``downsample`` (``None``,
+    a bare projection ``Sequential(conv1x1)`` reading ``relu(bn1(x))``, or another shortcut),
+    ``relu`` and the attribute ``residual``. ``conv_i`` -> ``bn_{i+1}`` -> ReLU -> ``conv_{i+1}``:
+    ``bn_{i+1}`` (and the ReLU) fold into ``conv_i`` (:class:`FoldedConv2d`, one call). ``bn1``
+    cannot be folded: the previous block's addition comes before it and a ReLU after it
+    (``relu(x s + t)`` is no affine map of ``relu(x)``), so it stays as an eval-mode fused
+    BN-ReLU, :class:`FrozenBatchNorm2d`. The last convolution has no BN after it: it runs with
+    the shortcut as a fused add (no ReLU), ``conv_last(h) + shortcut``, one call; a projection
+    shortcut becomes a FoldedConv2d too. The ``bn_i`` (i > 1) and ``relu`` modules are removed.
+
+    Returns:
+        whether it folded: not when a BatchNorm has no running statistics.
+    """
+    convs = _convs(block)
+    if not all(has_running_stats(getattr(block, f"bn{i + 1}")) for i in range(len(convs))):
+        return False
+    block.bn1 = FrozenBatchNorm2d(block.bn1, relu=True)
+    for i, name in enumerate(convs):
+        after = f"bn{i + 2}" if i + 1 < len(convs) else None
+        setattr(block, name, FoldedConv2d(getattr(block, name), getattr(block, after) if after else None,
+                                          relu=after is not None))  # fmt: skip
+        if after:
+            delattr(block, after)
+    projection = _projection(block.downsample)
+    if projection and projection[1] is None:
+        block.downsample = FoldedConv2d(projection[0], None, relu=False)
+    elif block.downsample is not None:
+        fold_modules_(block.downsample)
+    _drop_relu(block)
+    block.folded = True
+    return True
+
+
+def forward_folded_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block folded by :func:`fold_preact_block_`: ``[N, C_in, H, W] -> [N, C_out, H_out, W_out]``."""
+    act = block.bn1(x)  # FrozenBatchNorm2d: eval BN + ReLU, one pass
+    identity = x if block.downsample is None else block.downsample(act)
+    *first, last_name = _convs(block)
+    out = act
+    for name in first:
+        out = getattr(block, name)(out)  # conv + next BN + ReLU, one call
+    last = getattr(block, last_name)
+    return last(out, identity) if block.residual else last(out)  # conv (+ shortcut), one call
+
+
+@torch.no_grad()
+def fold_resnet_(model: nn.Module) -> bool:
+    """Fold a ResNet-family network (``fold_layout = "resnet"``) in place: the stem and every block.
+
+    Layout: the stem ``conv1`` + ``bn1`` + ``relu`` (``block_variant="preact"``: ``conv1`` alone,
+    and ``bn_final``, the BN-ReLU after the last addition), every other child folded by
+    :func:`fold_modules_` (the blocks through their ``fold_bn_()``). The stem becomes one
+    :class:`FoldedConv2d` (``bn1`` and ``relu`` are removed); ``bn_final`` (no convolution after
+    it) stays as an eval-mode :class:`FrozenBatchNorm2d`.
+
+    Returns:
+        whether the stem folded: not when its BatchNorm has no running statistics (the blocks
+        are folded anyway).
+    """
+    preact = model.block_variant == "preact"
+    for name, child in list(model.named_children()):
+        if name not in ("conv1", "bn1", "bn_final"):
+            fold_modules_(child)
+    if not has_running_stats(model.bn_final if preact else model.bn1):
+        return False
+    if preact:
+        model.conv1 = FoldedConv2d(model.conv1, None, relu=False)  # the oneDNN path with a packed weight
+        model.bn_final = FrozenBatchNorm2d(model.bn_final, relu=True)
+    else:
+        model.conv1 = FoldedConv2d(model.conv1, model.bn1, relu=True)
+        del model.bn1
+    _drop_relu(model)
+    model.folded = True
+    return True
+
+
+_FOLD_BY_LAYOUT = {"residual": fold_residual_block_, "preact": fold_preact_block_, "resnet": fold_resnet_}
+
+
+def fold_layout_(module: nn.Module) -> bool:
+    """Fold a block or network of :mod:`fastblocks.models` in place by its ``fold_layout``.
+
+    Returns:
+        whether it folded now (``False``: already folded, or a BatchNorm without running statistics).
+    """
+    if getattr(module, "folded", False):
+        return False
+    return _FOLD_BY_LAYOUT[module.fold_layout](module)
 
 
 def fold_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:

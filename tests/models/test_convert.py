@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastblocks.models import FusedSequential, convert, export_torch
+from fastblocks.models import _resnet_fused as RF
 from fastblocks.models import resnet as R
 from fastblocks.nn import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn import BatchNormReLU2d, BNAddReLU
@@ -60,7 +61,9 @@ def test_convert_torchvision_resnet18() -> None:
     ref = _tv_resnet18()
     converted = convert(ref)
     assert type(converted) is R.ResNet and converted.fused
-    assert all(type(b) is R.BasicBlock and b.fused for layer in (converted.layer1, converted.layer4) for b in layer)
+    # A fused block is its class's fused form: a subclass that overrides forward only.
+    blocks = [b for layer in (converted.layer1, converted.layer4) for b in layer]
+    assert all(type(b) is RF._FusedBasicBlock and isinstance(b, R.BasicBlock) and b.fused for b in blocks)
     assert list(converted.state_dict()) == list(ref.state_dict())
     assert converted.layer2[0].stride == 2 and converted.output_stride == 32
     assert type(ref.layer1[0]) is tv.BasicBlock  # a copy was converted
@@ -76,7 +79,7 @@ def test_convert_torchvision_resnext50_eval() -> None:
     ref = tv.resnext50_32x4d(num_classes=10)
     condition(ref)
     converted = convert(ref)
-    assert all(type(b) is R.Bottleneck and b.fused for b in converted.layer3)
+    assert all(type(b) is RF._FusedBottleneck and b.fused for b in converted.layer3)
     assert converted.layer3[0].conv2.groups == 32
     # convert() plans the tails as a built ResNeXt does: layer3's and layer4's keep their outputs.
     plan = _tail_plan(converted)
@@ -93,7 +96,7 @@ def test_convert_inplace() -> None:
     ref = _tv_resnet18()
     layer1 = ref.layer1
     out = convert(ref, inplace=True)
-    assert out.layer1 is layer1 and type(layer1[0]) is R.BasicBlock  # the same containers, converted
+    assert out.layer1 is layer1 and type(layer1[0]) is RF._FusedBasicBlock  # the same containers, converted
 
 
 def test_convert_keeps_unknown_forwards() -> None:
@@ -112,7 +115,7 @@ def test_convert_keeps_unknown_forwards() -> None:
     converted = convert(model)
     assert type(converted) is Custom and type(converted.bn1) is nn.BatchNorm2d
     assert type(converted.layer1[0]) is WithSE and type(converted.layer1[0].bn1) is nn.BatchNorm2d
-    assert type(converted.layer2[0]) is R.BasicBlock and converted.layer2[0].fused
+    assert type(converted.layer2[0]) is RF._FusedBasicBlock and converted.layer2[0].fused
     model.eval()
     converted.eval()
     x = torch.randn(1, 3, 32, 32)
