@@ -74,31 +74,64 @@ not tried), against ``--budget`` or the machine's available memory.
 
 Precision: ``--dtype`` converts the model and the input (parameters, gradients, momentum and
 activations all in that dtype); it is not autocast.
+
+This module runs the measurements (in this process or a fresh one, per implementation, the
+batch sweep and the ``--max-batch`` search) and re-exports the rest of the profiler:
+:mod:`~fastblocks.profile.memory_config` (what to measure: :class:`MemoryConfig`,
+:func:`build_impl`, :func:`lower_bound`), :mod:`~fastblocks.profile.memory_step` (measuring one
+step: :class:`StepMemory`, :func:`measure_step`) and :mod:`~fastblocks.profile.memory_report`
+(the table, the JSON and the plot).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
 import os
 import subprocess
 import sys
-import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from fastblocks.profile import flops
-from fastblocks.profile._meta import MetaInit, fast_meta
+from fastblocks.profile.memory_config import (  # noqa: F401  (re-exported: what to measure)
+    _DTYPE_ALIASES,
+    _DTYPES,
+    _GIB,
+    _MIB,
+    IMPLS,
+    MemoryConfig,
+    _parameters,
+    build_impl,
+    dtype_name,
+    dtype_of,
+    lower_bound,
+)
+from fastblocks.profile.memory_report import (  # noqa: F401  (re-exported: the output)
+    _ROWS,
+    _mib,
+    _pct,
+    format_max_batch,
+    format_report,
+    plot,
+    report_dict,
+)
+from fastblocks.profile.memory_step import (  # noqa: F401  (re-exported: measuring one step)
+    LiveTensorBytes,
+    StepMemory,
+    _Meter,
+    _num_classes,
+    _rss_now,
+    _rss_peak,
+    _SavedBytes,
+    _storage_key,
+    _unique_bytes,
+    is_oom,
+    measure_step,
+)
 
 __all__ = [
     "IMPLS",
@@ -113,476 +146,6 @@ __all__ = [
     "plot",
     "profile",
 ]
-
-#: Implementations ``--impl`` accepts: the eager twin, the eager twin with torchvision's
-#: checkpointed bottlenecks (DenseNet only), the fused model.
-IMPLS = ("eager", "checkpoint", "fused")
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
-_MIB = 1024**2
-_GIB = 1024**3
-
-
-def dtype_name(name: str) -> str:
-    """``"fp16"``/``"half"``/``"float16"`` -> ``"float16"`` (the canonical name)."""
-    key = _DTYPE_ALIASES.get(name, name)
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}")
-    return key
-
-
-def dtype_of(name: str) -> torch.dtype:
-    """``"float32"``/``"fp16"``/``"bf16"``/... -> ``torch.dtype``."""
-    return _DTYPES[dtype_name(name)]
-
-
-@dataclass
-class MemoryConfig:
-    """One measurement: which model, implementation, batch, and where."""
-
-    model: str
-    impl: str = "eager"
-    batch_size: int = 32
-    image_size: int | None = None
-    dtype: str = "float32"
-    channels_last: bool = False
-    device: str = "cpu"
-
-    @property
-    def size(self) -> int:
-        return self.image_size or flops.default_input_size(self.model)
-
-
-@dataclass
-class StepMemory:
-    """The breakdown of one training step (bytes); ``status`` is ``ok``, ``oom``, ``skipped`` or ``error``.
-
-    ``per_module_saved`` lists ``(module name, bytes)`` in forward order: the saved-for-backward
-    bytes first packed while that module (the innermost one running) was executing.
-    """
-
-    impl: str
-    status: str = "ok"
-    message: str = ""
-    method: str = ""
-    batch_size: int = 0
-    parameters: int = 0
-    buffers: int = 0
-    gradients: int = 0
-    optimizer_state: int = 0
-    inputs: int = 0
-    saved_for_backward: int = 0
-    activations_held: int = 0
-    lower_bound: int | None = None
-    transient_peak: int = 0
-    total_peak: int = 0
-    phases: dict[str, int] = field(default_factory=dict)
-    resting: dict[str, int] = field(default_factory=dict)
-    rss: dict[str, int | None] = field(default_factory=dict)
-    estimate: dict[str, Any] = field(default_factory=dict)
-    per_module_saved: list[tuple[str, int]] = field(default_factory=list)
-    module_order: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self, *, per_module: bool = True) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["per_module_saved"] = [list(x) for x in self.per_module_saved] if per_module else None
-        if not per_module:
-            d.pop("module_order")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StepMemory:
-        d = dict(d)
-        d["per_module_saved"] = [tuple(x) for x in d.get("per_module_saved") or []]
-        d.setdefault("module_order", {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# ----------------------------------------------------------------------------------------------
-# Accounting
-# ----------------------------------------------------------------------------------------------
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    # The StorageImpl's address: unique among live storages on every device (meta storages all
-    # have data_ptr 0, so data_ptr cannot be the key).
-    return t.untyped_storage()._cdata
-
-
-def _unique_bytes(tensors: Iterator[torch.Tensor | None]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t is not None:
-            seen[_storage_key(t)] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks the bytes of every storage created by an op while active, until it is freed.
-
-    Storages that existed before (``static``: parameters, buffers, inputs, optimizer state)
-    are not counted when ops return views of them. ``live`` is the current total of tracked
-    storages, ``peak`` its maximum since the last :meth:`reset_peak`.
-    """
-
-    def __init__(self, static: Sequence[torch.Tensor] = (), *, shortcuts: bool = True) -> None:
-        super().__init__()
-        self.shortcuts = shortcuts
-        self._static = {_storage_key(t) for t in static}
-        self._sizes: dict[int, int] = {}
-        self.live = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = fast_meta(func, args, kwargs) if self.shortcuts else NotImplemented
-        if out is NotImplemented:
-            out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self._static or key in self._sizes:
-            return
-        n = st.nbytes()
-        self._sizes[key] = n
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(st, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-
-class _Meter:
-    """Live bytes and their peak since the last reset, on one device."""
-
-    def __init__(self, device: torch.device, static: Sequence[torch.Tensor], static_bytes: int) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.tracker = None if self.cuda else LiveTensorBytes(static)
-        self.static_bytes = static_bytes
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        if self.tracker is None:
-            yield
-        else:
-            with self.tracker:
-                yield
-
-    def current(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.memory_allocated(self.device))
-        assert self.tracker is not None
-        return self.static_bytes + self.tracker.live
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            assert self.tracker is not None
-            self.tracker.reset_peak()
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
-        assert self.tracker is not None
-        return self.static_bytes + self.tracker.peak
-
-
-class _SavedBytes:
-    """Saved-tensor hooks that count storages (once each) and attribute them to the running module."""
-
-    def __init__(self, model: nn.Module, exclude: Sequence[torch.Tensor]) -> None:
-        self._exclude = {_storage_key(t) for t in exclude}
-        self._seen: set[int] = set()
-        self.total = 0
-        self.per_module: dict[str, int] = {}
-        self._stack: list[str] = []
-        self._model = model
-        self._handles: list[Any] = []
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key not in self._exclude and key not in self._seen:
-            self._seen.add(key)
-            n = st.nbytes()
-            self.total += n
-            where = self._stack[-1] if self._stack else "(loss)"
-            self.per_module[where] = self.per_module.get(where, 0) + n
-        return t
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        def enter(name: str) -> Callable[..., None]:
-            def hook(*_: object) -> None:
-                self._stack.append(name)
-
-            return hook
-
-        def leave(*_: object) -> None:  # must return None: a forward hook's result replaces the output
-            if self._stack:
-                self._stack.pop()
-
-        for name, module in self._model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(enter(name or "(model)")))
-            self._handles.append(module.register_forward_hook(leave))
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-                yield
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
-
-
-def _rss_now() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _rss_peak() -> int | None:
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on Linux
-        return None
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _num_classes(model: nn.Module) -> int:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else 1000
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error (CUDA, or the CPU allocator failing)."""
-    if isinstance(exc, MemoryError):
-        return True
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def measure_step(
-    model: nn.Module,
-    batch_size: int,
-    image_size: int | tuple[int, int],
-    *,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
-    in_channels: int = 3,
-    impl: str = "model",
-    lower_bound: int | None = None,
-    warmup: bool | None = None,
-    snapshot: str | None = None,
-) -> StepMemory:
-    """Measure one training step of ``model`` (already on its device) on a random batch.
-
-    The model is converted to ``dtype`` (and channels_last) in place. Input
-    ``[batch_size, in_channels, H, W]``, labels ``[batch_size]`` in ``[0, num_classes)``,
-    loss ``F.cross_entropy``, optimizer ``SGD(lr=0.01, momentum=0.9)`` with its momentum
-    buffers created before the step. ``warmup`` (default: on CUDA only) runs one step first.
-
-    Returns:
-        The breakdown; raises what the step raises (out-of-memory included).
-    """
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    param = next(iter(model.parameters()))
-    device = param.device
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(dtype=dtype, memory_format=fmt)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers = list(model.buffers())
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    for p in params:
-        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    x = torch.randn(batch_size, in_channels, h, w, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    y = torch.randint(0, _num_classes(model), (batch_size,), device=device)
-    momentum = [opt.state[p]["momentum_buffer"] for p in params]
-
-    def step() -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(x)
-        return out, F.cross_entropy(out.float(), y)
-
-    if warmup if warmup is not None else device.type == "cuda":
-        step()[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for p in params:
-        p.grad = None
-    if device.type != "meta":  # nothing to free on meta, and a full collection costs ~0.3 s
-        gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        if snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-
-    result = StepMemory(impl=impl, batch_size=batch_size, lower_bound=lower_bound)
-    result.parameters = _unique_bytes(iter(params))
-    result.buffers = _unique_bytes(iter(buffers))
-    result.optimizer_state = _unique_bytes(iter(momentum))
-    result.inputs = _unique_bytes(iter((x, y)))
-    static = [*params, *buffers, *momentum, x, y]
-    meter = _Meter(device, static, _unique_bytes(iter(static)))
-    saved = _SavedBytes(model, exclude=[*params, *buffers])
-    order = {name or "(model)": i for i, (name, _) in enumerate(model.named_modules())}
-
-    rss_before, rss_peak_before = _rss_now(), _rss_peak()
-    t0 = time.perf_counter()
-    try:
-        with meter.active():
-            m0 = meter.current()
-            meter.reset_peak()
-            with saved.active():
-                out, loss = step()
-            m_fwd, p_fwd = meter.current(), meter.peak()
-            meter.reset_peak()
-            loss.backward()
-            del out, loss
-            m_bwd, p_bwd = meter.current(), meter.peak()
-            result.gradients = _unique_bytes(p.grad for p in params)
-            meter.reset_peak()
-            opt.step()
-            m_opt, p_opt = meter.current(), meter.peak()
-    finally:
-        if device.type == "cuda" and snapshot:
-            try:  # dumped after an out-of-memory error too: the snapshot then shows what filled memory
-                torch.cuda.memory._dump_snapshot(snapshot)
-            finally:
-                torch.cuda.memory._record_memory_history(enabled=None)
-    result.seconds = time.perf_counter() - t0
-    rss_after = _rss_peak()
-
-    result.method = {
-        "cuda": "cuda caching allocator (memory_allocated / max_memory_allocated)",
-        "meta": "estimate: storages of op outputs on meta tensors",
-    }.get(device.type, "tracked tensor storages (TorchDispatchMode) + peak RSS")
-    result.saved_for_backward = saved.total
-    result.per_module_saved = list(saved.per_module.items())
-    result.module_order = order
-    result.activations_held = m_fwd - m0
-    result.phases = {"forward": p_fwd, "backward": p_bwd, "optimizer": p_opt}
-    result.resting = {"start": m0, "after_forward": m_fwd, "after_backward": m_bwd, "after_step": m_opt}
-    result.total_peak = max(p_fwd, p_bwd, p_opt)
-    result.transient_peak = result.total_peak - max(m0, m_fwd, m_bwd, m_opt)
-    if device.type == "cpu":
-        grew = rss_after is not None and rss_peak_before is not None and rss_after > rss_peak_before
-        result.rss = {
-            "before_step": rss_before,
-            "peak": rss_after,
-            # The peak RSS never goes down: only a step that raised it tells its own peak.
-            "rss_total_peak": (rss_after - rss_before + m0) if grew and rss_before is not None else None,
-        }
-    opt.zero_grad(set_to_none=True)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Models, lower bound
-# ----------------------------------------------------------------------------------------------
-
-
-def build_impl(name: str, impl: str, device: str | torch.device = "cpu") -> tuple[nn.Module | None, str]:
-    """Build implementation ``impl`` of registry model ``name`` (or ``"module:builder"``) on ``device``.
-
-    Returns:
-        ``(model, "")``, or ``(None, reason)`` when the implementation does not exist for
-        this model (``checkpoint`` is DenseNet's ``memory_efficient=True``).
-
-    Raises:
-        ValueError: unknown model or implementation.
-    """
-    from fastblocks.models import registry
-
-    if impl not in IMPLS:
-        raise ValueError(f"unknown implementation {impl!r}; use one of {', '.join(IMPLS)}")
-    if ":" in name:
-        # "package.module:builder": a model outside the registry (the Python API and the tests;
-        # the command line takes registry names only).
-        import importlib
-
-        module, _, attr = name.partition(":")
-        builder = getattr(importlib.import_module(module), attr)
-    else:
-        if name not in registry.list_models():
-            registry.get_model(name)  # raises ValueError listing the available names
-        builder = registry._builder(name)
-        assert builder is not None
-    kwargs: dict[str, Any] = {"fused": impl == "fused"}
-    if impl == "checkpoint":
-        if "memory_efficient" not in _parameters(builder):
-            return None, f"only DenseNet has torchvision's memory_efficient checkpointing; skipped for {name}"
-        kwargs["memory_efficient"] = True
-    init = MetaInit() if torch.device(device).type == "meta" else contextlib.nullcontext()
-    with torch.device(device), init:
-        return builder(**flops._accepted_kwargs(builder, kwargs)), ""
-
-
-def _parameters(builder: Callable[..., nn.Module]) -> set[str]:
-    import inspect
-
-    sig = inspect.signature(builder)
-    names = set(sig.parameters)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        # torchvision-style builders forward **kwargs to the class: read its constructor too.
-        ret = sig.return_annotation
-        cls = ret if isinstance(ret, type) else getattr(sys.modules.get(builder.__module__), str(ret), None)
-        if isinstance(cls, type):
-            names |= set(inspect.signature(cls.__init__).parameters)
-    return names
-
-
-def lower_bound(
-    name: str, batch_size: int, image_size: int | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[int, str] | None:
-    """Bytes any implementation must keep between forward and backward, and its definition.
-
-    DenseNet: the input ``[N, 3, S, S]`` + every dense block's output ``[N, C0 + L*k, H, W]``.
-    ResNet: the input + the stem's output + every residual block's output. ``None`` for models
-    without a config row in :data:`fastblocks.profile.flops.ARCHITECTURES`.
-    """
-    arch = flops.ARCHITECTURES.get(name)
-    if arch is None:
-        return None
-    size = image_size or flops.default_input_size(name)
-    esize = torch.empty((), dtype=dtype).element_size()
-    total = batch_size * 3 * size * size
-    rows = flops.analytic_counts(arch, size)
-    if isinstance(arch, flops.DenseNetArch):
-        for r in rows:
-            if r.name.startswith("Dense Block"):
-                total += batch_size * r.channels * r.height * r.width
-        return total * esize, "network input + every dense block's output (the block buffers)"
-    stem = rows[0]
-    if arch.stem == "imagenet":
-        h, w = (stem.height - 1) // 2 + 1, (stem.width - 1) // 2 + 1  # after the 3x3/2 max pool
-    else:
-        h, w = stem.height, stem.width
-    total += batch_size * stem.channels * h * w
-    for r, blocks in zip(rows[1:-1], arch.layers):
-        total += blocks * batch_size * r.channels * r.height * r.width
-    return total * esize, "network input + stem output + every residual block's output"
-
 
 # ----------------------------------------------------------------------------------------------
 # Orchestration
@@ -729,6 +292,11 @@ def _snapshot_path(path: str, impl: str, count: int) -> str:
     return f"{root}.{impl}{ext or '.pickle'}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Max-batch search
+# ----------------------------------------------------------------------------------------------
+
+
 def _fits_estimate(model: str, impl: str, batch: int, base: MemoryConfig, budget: int) -> tuple[bool, int]:
     r = measure(dataclasses.replace(base, impl=impl, batch_size=batch, device="meta"))
     return r.status == "ok" and r.total_peak <= budget, r.total_peak
@@ -865,120 +433,8 @@ def _mem_available() -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Report and plot
+# Batch sweep (the plot's data)
 # ----------------------------------------------------------------------------------------------
-
-
-def _mib(v: int | None) -> str:
-    return "-" if v is None else f"{v / _MIB:,.1f}"
-
-
-_ROWS: list[tuple[str, Callable[[StepMemory], int | None]]] = [
-    ("parameters", lambda r: r.parameters),
-    ("buffers", lambda r: r.buffers),
-    ("gradients", lambda r: r.gradients),
-    ("optimizer state (momentum)", lambda r: r.optimizer_state),
-    ("saved for backward", lambda r: r.saved_for_backward),
-    ("  lower bound", lambda r: r.lower_bound),
-    ("activations held after forward", lambda r: r.activations_held),
-    ("peak in forward", lambda r: r.phases.get("forward")),
-    ("peak in backward", lambda r: r.phases.get("backward")),
-    ("peak in optimizer step", lambda r: r.phases.get("optimizer")),
-    ("transient peak", lambda r: r.transient_peak),
-    ("total peak", lambda r: r.total_peak),
-]
-
-
-def format_report(config: MemoryConfig, results: Sequence[StepMemory]) -> str:
-    """The breakdown as a table (MiB), one column per implementation, then notes."""
-    ok = [r for r in results if r.status == "ok"]
-    layout = "channels_last" if config.channels_last else "NCHW"
-    lines = [
-        f"{config.model}: training step, batch {config.batch_size}, {config.size}×{config.size}, {config.dtype}, "
-        f"{layout}, device {config.device}"
-    ]
-    if ok:
-        lines[0] += f" -- {ok[0].method}"
-        rows: list[tuple[str, Callable[[StepMemory], int | None]]] = list(_ROWS)
-        if config.device == "cpu":
-            rows[-1] = ("total peak (tracked tensors)", rows[-1][1])
-            rows.append(("total peak from RSS", lambda r: r.rss.get("rss_total_peak")))
-            rows.append(("meta estimate of total peak", lambda r: r.estimate.get("total_peak")))
-        head = ["MiB", *[r.impl for r in ok]]
-        table = [head] + [[label, *[_mib(get(r)) for r in ok]] for label, get in rows]
-        if config.device == "cpu":
-            table.append(["  estimate error vs tracked", *[_pct(r.estimate.get("error_vs_tracked")) for r in ok]])
-            table.append(["  estimate error vs RSS", *[_pct(r.estimate.get("error_vs_rss")) for r in ok]])
-        table.append(["seconds (measured step)", *[f"{r.seconds:.2f}" for r in ok]])
-        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-        for row in table:
-            lines.append("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
-    for r in results:
-        if r.estimate.get("error"):
-            lines.append(f"{r.impl}: {r.estimate['error']}")
-        if r.status == "oom":
-            lines.append(f"{r.impl}: OUT OF MEMORY -- {r.message}")
-        elif r.status != "ok":
-            lines.append(f"{r.impl}: {r.status} -- {r.message}")
-        elif r.message:
-            lines.append(f"{r.impl}: {r.message}")
-    bound = lower_bound(config.model, config.batch_size, config.size, dtype_of(config.dtype))
-    if bound:
-        lines.append(f"note: lower bound = {bound[1]}")
-    lines.append(
-        "note: saved for backward = storages packed by saved-tensor hooks (parameters and buffers excluded, input and "
-        "labels included); activations held = live bytes after forward - before (hook-independent cross-check)"
-    )
-    lines.append("note: transient peak = total peak - the highest resting level (after forward/backward/step)")
-    if config.device == "meta":
-        lines.append(
-            "note: meta = estimate (op outputs alive at each moment; no kernel workspaces, no allocator rounding)"
-        )
-    return "\n".join(lines)
-
-
-def format_max_batch(config: MemoryConfig, found: Sequence[dict[str, Any]]) -> str:
-    """The ``--max-batch`` results as text."""
-    lines = [
-        f"{config.model}: largest batch per implementation, {config.size}×{config.size}, {config.dtype}, device {config.device}"
-    ]
-    for f in found:
-        if f.get("status") != "ok":
-            lines.append(f"  {f['impl']:<11} {f.get('status')}: {f.get('message', '')}")
-            continue
-        peak = f.get("peak_bytes")
-        more = " (search limit reached)" if f.get("limit_reached") else ""
-        lines.append(
-            f"  {f['impl']:<11} max batch {f['max_batch']:>6}{more}  peak {_mib(peak if peak and peak > 0 else None)} MiB"
-            f"  of a {f['budget_bytes'] / _GIB:.2f} GiB budget"
-        )
-    if found and found[0].get("method"):
-        lines.append(f"note: {found[0]['method']}")
-    return "\n".join(lines)
-
-
-def report_dict(
-    config: MemoryConfig,
-    results: Sequence[StepMemory],
-    peaks: dict[str, list[tuple[int, int | None]]] | None = None,
-    notes: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The ``--json`` output: configuration, lower bound, one breakdown per implementation, sweep."""
-    bound = lower_bound(config.model, config.batch_size, config.size, dtype_of(config.dtype))
-    out: dict[str, Any] = {
-        "config": {**dataclasses.asdict(config), "image_size": config.size, "impl": [r.impl for r in results]},
-        "unit": "bytes",
-        "lower_bound": {"bytes": bound[0], "definition": bound[1]} if bound else None,
-        "results": [r.to_dict() for r in results],
-        "notes": list(notes),
-    }
-    if peaks is not None:
-        out["sweep"] = {impl: [{"batch_size": b, "total_peak": p} for b, p in pts] for impl, pts in peaks.items()}
-    return out
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:+.1f}%"
 
 
 def sweep(
@@ -994,62 +450,6 @@ def sweep(
             out[impl].append((b, r.total_peak if r.status == "ok" else None))
         _clean(torch.device(c.device))
     return {k: v for k, v in out.items() if v}
-
-
-def plot(
-    path: str,
-    config: MemoryConfig,
-    results: Sequence[StepMemory],
-    peaks: dict[str, list[tuple[int, int | None]]],
-) -> None:
-    """Three panels: total peak against batch size per implementation (with the floor that any
-    implementation needs: weights, gradients, momentum and the activation lower bound); bytes
-    saved for backward per module along the depth; and their running sum (eager DenseNet's
-    concatenations make it quadratic within each block, the fused blocks keep it flat)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5))
-    for impl, points in peaks.items():
-        xs = [b for b, p in points if p is not None]
-        ax1.plot(xs, [p / _GIB for b, p in points if p is not None], marker="o", label=impl)
-    batches = sorted({b for pts in peaks.values() for b, _ in pts})
-    bounds = [lower_bound(config.model, b, config.size, dtype_of(config.dtype)) for b in batches]
-    ok = [r for r in results if r.status == "ok"]
-    if batches and ok and all(bounds):
-        state = ok[0].parameters + ok[0].buffers + ok[0].gradients + ok[0].optimizer_state
-        floor = [(state + bd[0]) / _GIB for bd in bounds if bd]
-        ax1.plot(batches, floor, "k--", label="weights + grads + momentum + activation lower bound")
-    ax1.set_xlabel("batch size")
-    ax1.set_ylabel("total peak (GiB)")
-    ax1.set_title(f"{config.model}: peak memory of a training step ({config.device})")
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize="small")
-
-    for r in ok:
-        if not r.per_module_saved:
-            continue
-        n = max(len(r.module_order), 1)
-        pts = sorted((r.module_order.get(name, n) / n, b) for name, b in r.per_module_saved)
-        ax2.plot([x for x, _ in pts], [b / _MIB for _, b in pts], ".", markersize=3, label=r.impl)
-        xs, cum, total = [0.0], [0.0], 0
-        for x, b in pts:
-            total += b
-            xs.append(x)
-            cum.append(total / _MIB)
-        ax3.step(xs, cum, where="post", label=f"{r.impl} ({total / _MIB:,.0f} MiB)")
-    for ax, what in ((ax2, "per module (MiB)"), (ax3, "running sum (MiB)")):
-        ax.set_xlabel("depth (module position in definition order: 0 = stem, 1 = classifier)")
-        ax.set_ylabel(f"saved for backward, {what}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    ax2.set_title(f"bytes saved by each module, batch {config.batch_size}")
-    ax3.set_title(f"bytes saved along the depth, batch {config.batch_size}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def default_sweep(batch_size: int) -> list[int]:
