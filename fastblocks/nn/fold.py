@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fastblocks.ops._bn_core import scale_shift
 from fastblocks.ops.batchnorm import batch_norm_act
 
 __all__ = [
@@ -66,11 +67,10 @@ def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, t)``, both ``[C]`` fp64, of the eval BatchNorm ``bn(x) = x * s + t``: ``s = γ / sqrt(σ² + eps)``, ``t = β - μ s``."""
     if not has_running_stats(bn):
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
-    invstd = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(invstd)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(invstd)
-    s = gamma * invstd
-    return s, beta - bn.running_mean.detach().double() * s
+    weight = bn.weight.detach().double() if bn.weight is not None else None
+    bias = bn.bias.detach().double() if bn.bias is not None else None
+    s, t, _ = scale_shift(bn.running_mean.detach().double(), bn.running_var.detach().double(), weight, bias, bn.eps)
+    return s, t
 
 
 def fold_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Memory-efficient DenseNet dense block: the whole block as one autograd node.
+"""Memory-efficient DenseNet dense block: one autograd node (one registered op when traced).
 
 What is fused. A DenseNet layer computes ``conv3x3(relu(bn2(conv1x1(relu(bn1(cat(features)))))))``
 (Huang et al. 2017, "Densely Connected Convolutional Networks", BC variant). Eager PyTorch
@@ -102,12 +102,16 @@ design is unchanged; only the sums cross ranks:
 Without a group, with a group of one rank, without ``torch.distributed`` or in eval: no
 collective, the single-process code as it was.
 
-torch.compile. The block (like the transition and the stem) is ``torch.autograd.Function``s built
-from traceable pieces: Dynamo traces their forward and backward (``backend="aot_eager"`` runs
-a whole DenseNet with ``fullgraph=True``). The backend choice is read once at trace time (a
-constant of the graph: changing ``fastblocks.set_backend`` afterwards needs a recompile). With
-``drop_rate > 0`` the generator-state calls (``torch.get_rng_state``) are not traceable: the
-graph breaks at each block, which then runs eagerly; results are unchanged.
+torch.compile. Traced (torch.compile, export, FakeTensor), the block is the registered op
+``fastblocks::dense_block`` with ``fastblocks::dense_block_backward``: opaque to Inductor, whose
+joint-graph common-subexpression pass would otherwise merge the backward's recomputed bottlenecks
+with the forward's and the partitioner keep them. Both run the loops of
+:mod:`fastblocks.ops._dense_block_steps`, as the eager ``autograd.Function`` does (so the one-call
+CPU layer kernels run there too). The backend choice is read once at trace time (a constant of the
+graph: changing ``fastblocks.set_backend`` afterwards needs a recompile). With ``drop_rate > 0`` in
+training, or synchronized statistics, the block is the ``autograd.Function``: the generator-state
+calls (``torch.get_rng_state``) are not traceable, so the graph breaks at each block, which then
+runs eagerly; results are unchanged.
 
 On the compiled CPU backend (eager calls) each layer's backward is one C++ call,
 ``fastblocks::dense_layer_bwd_`` (the fold of its output chunk, the recomputation, both BN-ReLU
@@ -142,12 +146,7 @@ from fastblocks import _backend
 from fastblocks.ops._bn_core import (
     COMPILED,
     BatchNormParams,
-    all_reduce_pair,
     check_train_batch,
-    dx_coefficients,
-    global_stats,
-    kernels_for,
-    scale_shift,
     sync_group,
     unbiased_correction,
     update_running_stats,
@@ -157,7 +156,8 @@ from fastblocks.ops._common import (
     cast_weight,
     check_tensor,
     compute_dtype_of,
-    conv_backward,
+    eager_path,
+    empty0,
     fake_channel_vectors,
     is_channels_last,
     memory_format,
@@ -165,7 +165,7 @@ from fastblocks.ops._common import (
     no_autocast,
     schemas_defined,
 )
-from fastblocks.ops.dense_layer import one_call_layers
+from fastblocks.ops._dense_block_steps import PER_LAYER, BlockConfig, block_backward, block_forward
 
 _backend.register_op(_backend.OpSpec(name="dense_block", triton=True, compiled=COMPILED))
 
@@ -198,20 +198,7 @@ class DenseLayerParams:
         )
 
 
-@dataclass(frozen=True)
-class _BlockConfig:
-    num_layers: int
-    growth_rate: int
-    eps1: tuple[float, ...]
-    eps2: tuple[float, ...]
-    drop_rate: float
-    training: bool
-    keep: tuple[bool, ...] = ()  # per layer: backward reuses the bottleneck kept by forward
-
-
 _KEEP_RATIO = 4  # default: keep layer i's bottleneck when C_i >= 4 B (see dense_block)
-_PER_LAYER = 6  # norm1 weight, norm1 bias, conv1 weight, norm2 weight, norm2 bias, conv2 weight
-_PER_LAYER_RUNNING = 4  # norm1 running mean/var, norm2 running mean/var (eval only)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -243,191 +230,19 @@ def dense_block_reference(
     return torch.cat(features, 1)
 
 
-# ----------------------------------------------------------------------------- helpers
-def _rng_state(device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return torch.get_rng_state()
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    raise NotImplementedError(f"dense_block: drop_rate > 0 is supported on cpu and cuda tensors, not {device.type}")
-
-
-def _dropout_noise(state: torch.Tensor, like: torch.Tensor, p: float, channels_last: bool) -> torch.Tensor:
-    """``F.dropout(ones)`` drawn from generator ``state``: forward's mask times ``1/(1-p)``."""
-    device = like.device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state, device)
-        else:
-            torch.set_rng_state(state)
-        ones = torch.empty(like.shape, dtype=like.dtype, device=device, memory_format=memory_format(channels_last))
-        return F.dropout(ones.fill_(1), p, True)
-
-
-# ----------------------------------------------------------------------------- dense block
-def _channel_rows(t: torch.Tensor, start: int, stop: int, cl: bool) -> torch.Tensor:
-    """Channels ``[start, stop)`` of a dense 4-D ``t`` (laid out as ``cl`` says) as a 2-D view:
-    ``[N, (stop - start) H W]`` (NCHW) or ``[N H W, stop - start]`` (channels_last).
-
-    Copies and in-place adds into a 4-D channel slice ``t[:, start:stop]`` take a slow strided
-    path in PyTorch's CPU kernels (several times slower than the same bytes as a 2-D view for a
-    dense layer's 32-channel chunk); the dense block writes such slices every layer.
-    """
-    n, c, h, w = t.shape
-    if cl:
-        return t.permute(0, 2, 3, 1).view(n * h * w, c)[:, start:stop]
-    return t.view(n, c * h * w)[:, start * h * w : stop * h * w]
-
-
-def _rows_of(t: torch.Tensor, cl: bool) -> torch.Tensor:
-    """A 4-D ``t`` as :func:`_channel_rows` lays out all its channels (a copy unless t is dense in that layout)."""
-    n, c, h, w = t.shape
-    if cl:
-        return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    return t.reshape(n, c * h * w)
-
-
-def _block_forward(
-    x: torch.Tensor,
-    cfg: _BlockConfig,
-    params: Sequence[torch.Tensor | None],
-    running: Sequence[torch.Tensor | None],
-    save_rng: bool,
-    group: object | None = None,
-    kept: list[torch.Tensor] | None = None,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None
-]:
-    """Forward of the block; returns (buf, mean1, var1, mean2, var2, rng_states, total).
-
-    With a ``kept`` list, the bottleneck of every layer with ``cfg.keep[i]`` is appended to it
-    (for backward); otherwise each bottleneck is freed once used.
-
-    Training: ``mean1/var1`` ``[C0 + (L-1) k]`` are the chunk statistics (the last chunk's are
-    not needed by the block), ``mean2/var2`` ``[L, B]`` the bottlenecks'. Eval: empty.
-    With a ``group`` every statistic is global (:func:`_global_stats`, one all_gather when the
-    chunk or bottleneck is produced: ``2 L`` in all) and ``total`` is the global count per
-    channel (0-d tensor); without, ``total`` is ``None``.
-    """
-    n, c0, h, w = x.shape
-    nl, k = cfg.num_layers, cfg.growth_rate
-    cl = is_channels_last(x)
-    sd = acc_dtype(x.dtype)
-    kern = kernels_for("dense_block", x.device)
-    buf = torch.empty((n, c0 + nl * k, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(cl))
-    _channel_rows(buf, 0, c0, cl).copy_(_rows_of(x, cl))
-    bott_ch = params[2].shape[0]
-    count, total = n * h * w, None
-    if cfg.training:
-        mean1 = torch.empty(c0 + (nl - 1) * k, dtype=sd, device=x.device)
-        var1 = torch.empty_like(mean1)
-        mean2 = torch.empty((nl, bott_ch), dtype=sd, device=x.device)
-        var2 = torch.empty_like(mean2)
-        m, v = kern.stats(x, cl)
-        if group is not None:
-            m, v, total = global_stats(m, v, count, group)
-        mean1[:c0].copy_(m)
-        var1[:c0].copy_(v)
-    else:
-        mean1 = var1 = mean2 = var2 = torch.empty(0, dtype=sd, device=x.device)
-    rng: list[torch.Tensor] = []
-    one_call = one_call_layers(x.device, cfg.training and cfg.drop_rate > 0, group)
-    for i in range(nl):
-        g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
-        ci = c0 + i * k
-        if one_call:  # the same steps as below, in C++
-            if cfg.training:
-                stats = mean1, var1, mean2[i], var2[i]
-            else:
-                stats = tuple(t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
-            keep = kept is not None and cfg.keep[i]
-            bott = torch.ops.fastblocks.dense_layer_fwd_.default(
-                buf, *stats, g1, b1, w1, g2, b2, w2, cfg.eps1[i], cfg.eps2[i], ci, k, cfg.training,
-                cfg.training and i < nl - 1, keep, cl,
-            )  # fmt: skip
-            if keep:
-                kept.append(bott)
-            continue
-        if cfg.training:
-            m1, v1 = mean1[:ci], var1[:ci]
-        else:
-            m1, v1 = running[i * _PER_LAYER_RUNNING].to(sd), running[i * _PER_LAYER_RUNNING + 1].to(sd)
-        s1, t1, _ = scale_shift(m1, v1, g1, b1, cfg.eps1[i])
-        bott = F.conv2d(kern.apply(buf[:, :ci], s1, t1, None, True, cl), w1)
-        if cfg.training:
-            m2, v2 = kern.stats(bott, cl)
-            if group is not None:
-                m2, v2, _ = global_stats(m2, v2, count, group)
-            mean2[i].copy_(m2)
-            var2[i].copy_(v2)
-        else:
-            m2, v2 = running[i * _PER_LAYER_RUNNING + 2].to(sd), running[i * _PER_LAYER_RUNNING + 3].to(sd)
-        s2, t2, _ = scale_shift(m2, v2, g2, b2, cfg.eps2[i])
-        y = F.conv2d(kern.apply(bott, s2, t2, None, True, cl), w2, padding=1)
-        if kept is not None and cfg.keep[i]:
-            kept.append(bott)
-        del bott
-        if cfg.training and cfg.drop_rate > 0:
-            if save_rng:
-                rng.append(_rng_state(x.device))
-            y = F.dropout(y, cfg.drop_rate, True)
-        if cfg.training and i < nl - 1:
-            m, v = kern.stats(y, cl)
-            if group is not None:
-                m, v, _ = global_stats(m, v, count, group)
-            mean1[ci : ci + k].copy_(m)
-            var1[ci : ci + k].copy_(v)
-        _channel_rows(buf, ci, ci + k, cl).copy_(_rows_of(y, cl))
-    return buf, mean1, var1, mean2, var2, rng, total
-
-
-def _fold_stats_grad(
-    kern,
-    g: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    gmu: torch.Tensor,
-    gvar: torch.Tensor,
-    m: int | torch.Tensor,
-    cl: bool,
-    group: object | None = None,
-    g_rows: torch.Tensor | None = None,
-) -> None:
-    """``g += gmu/M + (2 gvar/M)(x - mean)`` in place: the gradient through a chunk's statistics.
-
-    ``g_rows``: g's channels as :func:`_channel_rows` views them, when g is a channel slice
-    (written through that view, the fast path).
-
-    With a ``group``, ``gmu``/``gvar`` are this rank's shares of ``∂L/∂mu``, ``∂L/∂var`` (sums
-    over its pixels); the global statistics depend on every rank's chunk, so the shares are
-    summed over the ranks first and ``M`` is the global count.
-    """
-    if group is not None:
-        gmu, gvar = all_reduce_pair(gmu, gvar, group)
-    b = 2.0 * gvar / m
-    c = gmu / m - b * mean
-    one = torch.ones_like(b)
-    new = kern.bwd_apply(g, x, one, torch.zeros_like(b), None, one, b, c, False, cl)
-    if g_rows is None:
-        g.copy_(new)
-    else:
-        g_rows.copy_(_rows_of(new, cl))
-
-
+# ----------------------------------------------------------------------------- autograd
 class _DenseBlockFunction(torch.autograd.Function):
-    """The whole dense block as one autograd node (see the module docstring for the math)."""
+    """The whole dense block as one autograd node for eager calls, dropout and synchronized
+    statistics (see the module docstring for the math)."""
 
     @staticmethod
-    def forward(ctx, x, cfg: _BlockConfig, group, *tensors):
-        nparams = cfg.num_layers * _PER_LAYER
+    def forward(ctx, x, cfg: BlockConfig, group, *tensors):
+        nparams = cfg.num_layers * PER_LAYER
         params, running = tensors[:nparams], tensors[nparams:]
         kept: list[torch.Tensor] = []
-        buf, mean1, var1, mean2, var2, rng, total = _block_forward(x, cfg, params, running, True, group, kept)
-        ctx.cfg, ctx.c0, ctx.channels_last = cfg, x.shape[1], is_channels_last(x)
-        ctx.group, ctx.total = group, total  # total: not an input, no grad_fn (no reference cycle)
-        ctx.has_param = [t is not None for t in params]
-        ctx.n_rng = len(rng)
+        buf, mean1, var1, mean2, var2, rng, total = block_forward(x, cfg, params, running, True, group, kept)
+        ctx.cfg, ctx.c0, ctx.group, ctx.total = cfg, x.shape[1], group, total  # total: no grad_fn (no cycle)
+        ctx.counts = (len(params), len(running), len(rng))
         ctx.save_for_backward(buf, mean1, var1, mean2, var2, *params, *running, *rng, *kept)
         ctx.mark_non_differentiable(mean1, var1, mean2, var2)
         if total is not None:
@@ -436,104 +251,128 @@ class _DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_buf, *_stats_grads):
-        cfg: _BlockConfig = ctx.cfg
-        nl, k, c0, cl = cfg.num_layers, cfg.growth_rate, ctx.c0, ctx.channels_last
         saved = ctx.saved_tensors
-        buf, mean1, var1, mean2, var2 = saved[:5]
-        nparams = nl * _PER_LAYER
-        params = saved[5 : 5 + nparams]
-        nrun = 0 if cfg.training else nl * _PER_LAYER_RUNNING
-        running = saved[5 + nparams : 5 + nparams + nrun]
-        rng = saved[5 + nparams + nrun : 5 + nparams + nrun + ctx.n_rng]
-        kept = list(saved[5 + nparams + nrun + ctx.n_rng :])  # in layer order; popped from the end
-        kern = kernels_for("dense_block", buf.device)
-        sd = acc_dtype(buf.dtype)
-        n, _, h, w = buf.shape
-        group = ctx.group
-        m = n * h * w if group is None else ctx.total  # the count behind the statistics
-        grads: list[torch.Tensor | None] = [None] * (nparams + nrun)
-        # norm1's sums and its direct dx share in one pass over the prefix, added into G in place
-        # (else bn_bwd_reduce, then bn_bwd_apply into a temporary added to G: three passes more).
-        direct_add = _backend.cpu_kernels("dense_block", buf.device, "bn_bwd_reduce_add_")
-        with no_autocast(buf.device.type):
-            g = torch.empty_like(buf)  # the one gradient buffer
-            g.copy_(grad_buf)
-            gmu, gvar = torch.zeros_like(mean1), torch.zeros_like(var1)  # empty in eval
-            one_call = one_call_layers(buf.device, cfg.training and cfg.drop_rate > 0, group)
-            for i in reversed(range(nl)):
-                g1, b1, w1, g2, b2, w2 = params[i * _PER_LAYER : (i + 1) * _PER_LAYER]
-                ci = c0 + i * k
-                base = i * _PER_LAYER
-                if one_call:  # the same steps as below, in C++
-                    if cfg.training:
-                        stats = mean1, var1, mean2[i], var2[i]
-                    else:
-                        stats = tuple(t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
-                    layer_grads = torch.ops.fastblocks.dense_layer_bwd_.default(
-                        g, gmu, gvar, buf, *stats, g1, b1, w1, g2, b2, w2, kept.pop() if cfg.keep[i] else None,
-                        cfg.eps1[i], cfg.eps2[i], ci, k, cfg.training, cfg.training and i < nl - 1, cl,
-                    )  # fmt: skip
-                    grads[base : base + _PER_LAYER] = layer_grads
-                    continue
-                out = slice(ci, ci + k)
-                if cfg.training and i < nl - 1:
-                    # Layers i+1.. (every consumer of chunk i+1) are done: finish its gradient.
-                    _fold_stats_grad(
-                        kern, g[:, out], buf[:, out], mean1[out], gmu[out], gvar[out], m, cl, group,
-                        g_rows=_channel_rows(g, ci, ci + k, cl),
-                    )  # fmt: skip
-                dy = g[:, out]
-                if cfg.training and cfg.drop_rate > 0:
-                    dy = dy * _dropout_noise(rng[i], dy, cfg.drop_rate, cl)
-                # Recompute the bottleneck with the saved statistics (no running-stat update).
-                if cfg.training:
-                    m1, v1, m2, v2 = mean1[:ci], var1[:ci], mean2[i], var2[i]
-                else:
-                    m1, v1, m2, v2 = (t.to(sd) for t in running[i * _PER_LAYER_RUNNING : (i + 1) * _PER_LAYER_RUNNING])
-                s1, t1, inv1 = scale_shift(m1, v1, g1, b1, cfg.eps1[i])
-                s2, t2, inv2 = scale_shift(m2, v2, g2, b2, cfg.eps2[i])
-                x_pre = buf[:, :ci]
-                a1 = kern.apply(x_pre, s1, t1, None, True, cl)
-                bott = kept.pop() if cfg.keep[i] else F.conv2d(a1, w1)
-                a2 = kern.apply(bott, s2, t2, None, True, cl)
-                da2, dw2 = conv_backward(dy, a2, w2, 1)
-                del a2, dy
-                # norm2 + relu2: training-mode BN backward (its statistics depend on bott only).
-                sg2, sgx2 = kern.bwd_reduce(da2, bott, m2, s2, t2, None, True, cl)
-                # Synchronized: dbott needs the sums over the global batch (parameter gradients
-                # keep the local ones, as nn.SyncBatchNorm: DDP averages them).
-                sums2 = (sg2, sgx2) if group is None else all_reduce_pair(sg2, sgx2, group)
-                ca, cb, cc = dx_coefficients(g2, m2, inv2, *sums2, m, cfg.training)
-                dbott = kern.bwd_apply(da2, bott, s2, t2, None, ca, cb, cc, True, cl)
-                del da2, bott
-                da1, dw1 = conv_backward(dbott, a1, w1, 0)
-                del dbott, a1
-                # norm1 + relu1 with the statistics held fixed; their share goes to gmu/gvar.
-                if direct_add:  # sums and G[:, :C_i] += s1 g1' in one pass over the prefix
-                    sg1, sgx1 = torch.ops.fastblocks.bn_bwd_reduce_add_.default(
-                        g[:, :ci], da1, x_pre, m1, s1, t1, True, cl
-                    )
-                else:
-                    sg1, sgx1 = kern.bwd_reduce(da1, x_pre, m1, s1, t1, None, True, cl)
-                    zero = torch.zeros_like(s1)
-                    _channel_rows(g, 0, ci, cl).add_(
-                        _rows_of(kern.bwd_apply(da1, x_pre, s1, t1, None, s1, zero, zero, True, cl), cl)
-                    )
-                del da1
-                if cfg.training:
-                    gmu[:ci] -= s1 * sg1
-                    gvar[:ci] -= 0.5 * s1 * inv1 * inv1 * sgx1
-                layer_grads = (inv1 * sgx1, sg1, dw1, inv2 * sgx2, sg2, dw2)
-                for j, (gr, has) in enumerate(zip(layer_grads, ctx.has_param[base : base + _PER_LAYER])):
-                    if has:
-                        grads[base + j] = gr.to(params[base + j].dtype)
-            if cfg.training:
-                _fold_stats_grad(
-                    kern, g[:, :c0], buf[:, :c0], mean1[:c0], gmu[:c0], gvar[:c0], m, cl, group,
-                    g_rows=_channel_rows(g, 0, c0, cl),
-                )  # fmt: skip
-            dx = g[:, :c0].contiguous(memory_format=memory_format(cl))
+        nparams, nrun, nrng = ctx.counts
+        params, rest = saved[5 : 5 + nparams], saved[5 + nparams :]
+        dx, grads = block_backward(
+            grad_buf, saved[0], saved[1:5], params, rest[:nrun], rest[nrun : nrun + nrng], rest[nrun + nrng :],
+            ctx.cfg, ctx.c0, ctx.group, ctx.total,
+        )  # fmt: skip
         return (dx, None, None, *grads)
+
+
+# Under torch.compile (and other tracing) the block is a registered op, opaque to Inductor: its
+# joint-graph CSE would merge the backward's recomputed bottlenecks with the forward's, and the
+# partitioner would then keep them (the memory the block exists to save). Without dropout in
+# training and without synchronized statistics (those take the autograd node above).
+@torch.library.custom_op("fastblocks::dense_block", mutates_args=())
+def _dense_block_op(
+    x: torch.Tensor,
+    params: list[torch.Tensor],
+    running: list[torch.Tensor],
+    eps1: list[float],
+    eps2: list[float],
+    keep: list[bool],
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Registered op: ``(buf, mean1, var1, mean2, var2, kept bottlenecks)`` of :func:`block_forward`.
+
+    ``params``: ``PER_LAYER`` per layer (norm1 weight, bias, conv1 weight, norm2 weight, bias,
+    conv2 weight; an absent BN weight or bias is an empty tensor: a list of optional tensors could
+    not take gradients); ``running``: ``PER_LAYER_RUNNING`` per layer in eval, empty in training."""
+    kept: list[torch.Tensor] = []
+    buf, mean1, var1, mean2, var2, _, _ = block_forward(
+        x, _op_config(params, eps1, eps2, keep, training), _present(params), running, False, None, kept
+    )
+    return buf, mean1, var1, mean2, var2, kept
+
+
+def _op_config(params, eps1, eps2, keep, training: bool) -> BlockConfig:
+    return BlockConfig(
+        num_layers=len(eps1), growth_rate=params[5].shape[0], eps1=tuple(eps1), eps2=tuple(eps2), drop_rate=0.0,
+        training=training, keep=tuple(keep),
+    )  # fmt: skip
+
+
+@_dense_block_op.register_fake
+def _(x, params, running, eps1, eps2, keep, training):
+    n, c0, h, w = x.shape
+    nl, k, bott = len(eps1), params[5].shape[0], params[2].shape[0]
+    fmt = memory_format(is_channels_last(x))
+    buf = x.new_empty((n, c0 + nl * k, h, w)).contiguous(memory_format=fmt)
+    sd = acc_dtype(x.dtype)
+    if training:
+        mean1, mean2 = x.new_empty(c0 + (nl - 1) * k, dtype=sd), x.new_empty((nl, bott), dtype=sd)
+        stats = (mean1, torch.empty_like(mean1), mean2, torch.empty_like(mean2))
+    else:
+        stats = tuple(x.new_empty(0, dtype=sd) for _ in range(4))
+    kept = [x.new_empty((n, bott, h, w)).contiguous(memory_format=fmt) for i in range(nl) if keep[i]]
+    return buf, *stats, kept
+
+
+@torch.library.custom_op("fastblocks::dense_block_backward", mutates_args=())
+def _dense_block_backward_op(
+    grad_buf: torch.Tensor,
+    buf: torch.Tensor,
+    mean1: torch.Tensor,
+    var1: torch.Tensor,
+    mean2: torch.Tensor,
+    var2: torch.Tensor,
+    params: list[torch.Tensor],
+    running: list[torch.Tensor],
+    kept: list[torch.Tensor],
+    eps1: list[float],
+    eps2: list[float],
+    keep: list[bool],
+    training: bool,
+    c0: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Registered op: ``(dx, grads)``, one gradient per entry of ``params`` (empty for an absent one)."""
+    cfg = _op_config(params, eps1, eps2, keep, training)
+    dx, grads = block_backward(grad_buf, buf, (mean1, var1, mean2, var2), _present(params), running, (), kept, cfg, c0)
+    return dx, [_like_param(g, p) for g, p in zip(grads, params)]
+
+
+def _present(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The op's parameter list with each absent (empty) BN weight or bias as ``None``."""
+    return [p if p.numel() else None for p in params]
+
+
+def _like_param(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    """``g`` with ``p``'s dtype and strides (what the fake kernel promises); empty for an absent ``p``."""
+    if g is None:
+        return torch.empty_like(p)
+    if g.dtype == p.dtype and g.stride() == p.stride():
+        return g
+    return torch.empty_like(p).copy_(g)
+
+
+@_dense_block_backward_op.register_fake
+def _(grad_buf, buf, mean1, var1, mean2, var2, params, running, kept, eps1, eps2, keep, training, c0):
+    n, _, h, w = buf.shape
+    dx = buf.new_empty((n, c0, h, w)).contiguous(memory_format=memory_format(is_channels_last(buf)))
+    return dx, [torch.empty_like(p) for p in params]
+
+
+def _dense_block_setup_context(ctx, inputs, output) -> None:
+    x, params, running, eps1, eps2, keep, training = inputs
+    buf, mean1, var1, mean2, var2, kept = output
+    ctx.args = (list(eps1), list(eps2), list(keep), training, x.shape[1])
+    ctx.counts = (len(params), len(running))
+    ctx.has_param = [p.numel() > 0 for p in params]
+    ctx.save_for_backward(buf, mean1, var1, mean2, var2, *params, *running, *kept)
+
+
+def _dense_block_autograd(ctx, grad_buf, *_grads):
+    saved = ctx.saved_tensors
+    nparams, nrun = ctx.counts
+    params, rest = list(saved[5 : 5 + nparams]), saved[5 + nparams :]
+    dx, grads = _dense_block_backward_op(grad_buf, *saved[:5], params, list(rest[:nrun]), list(rest[nrun:]), *ctx.args)
+    grads = [g if has else None for g, has in zip(grads, ctx.has_param)]
+    return dx, grads, [None] * nrun, None, None, None, None
+
+
+_dense_block_op.register_autograd(_dense_block_autograd, setup_context=_dense_block_setup_context)
 
 
 def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerParams], training: bool) -> tuple[int, int]:
@@ -622,7 +461,7 @@ def dense_block(
     if not training:
         for p in layers:
             running += [p.norm1.running_mean, p.norm1.running_var, p.norm2.running_mean, p.norm2.running_var]
-    cfg = _BlockConfig(
+    cfg = BlockConfig(
         num_layers=len(layers),
         growth_rate=k,
         eps1=tuple(float(p.norm1.eps) for p in layers),
@@ -636,10 +475,16 @@ def dense_block(
     )
     xc = x.to(cd)
     with no_autocast(x.device.type):
-        if needs_graph([xc, *flat]):
+        if group is None and not (training and drop_rate > 0) and not eager_path(xc):  # traced: the registered op
+            present = [empty0(xc, acc_dtype(xc.dtype)) if p is None else p for p in flat]
+            buf, mean1, var1, mean2, var2, _ = _dense_block_op(
+                xc, present, running, list(cfg.eps1), list(cfg.eps2), list(cfg.keep), training
+            )
+            total = None
+        elif needs_graph([xc, *flat]):
             buf, mean1, var1, mean2, var2, total = _DenseBlockFunction.apply(xc, cfg, group, *flat, *running)
         else:
-            buf, mean1, var1, mean2, var2, _, total = _block_forward(xc, cfg, flat, running, False, group)
+            buf, mean1, var1, mean2, var2, _, total = block_forward(xc, cfg, flat, running, False, group)
     if training:
         count = x.shape[0] * x.shape[2] * x.shape[3] if total is None else total
         _update_block_running_stats(layers, (mean1, var1, mean2, var2), x.shape[1], k, count)
@@ -656,7 +501,7 @@ def _update_block_running_stats(
 ) -> None:
     """Every norm1/norm2 once, as ``nn.BatchNorm2d``: norm1 of layer i sees the prefix's stats.
 
-    ``stats`` = (mean1, var1, mean2, var2) of :func:`_block_forward`. Fixed-momentum BNs are
+    ``stats`` = (mean1, var1, mean2, var2) of :func:`block_forward`. Fixed-momentum BNs are
     updated with four multi-tensor (``torch._foreach_*``) calls in all instead of several small
     kernels each: DenseNet-201 has 196 BatchNorms in its dense blocks.
     """

@@ -9,8 +9,10 @@ rounding only. On the compiled CPU backend (eager calls and torch.compile) BN-Re
 (``fastblocks::transition_pool_fwd``: one read of x, the pooled quarter written;
 ``transition_pool_bwd``: the sums, then dx, reading the pool's gradient at its own size) instead
 of writing the BN-ReLU output and the pool's full-size gradient (PyTorch's CPU ``avg_pool2d`` and
-its backward on an NCHW tensor are also far from copy bandwidth).
-
+its backward on an NCHW tensor are also far from copy bandwidth). Traced (torch.compile, export),
+the transition is the registered op ``fastblocks::dense_transition`` with
+``fastblocks::dense_transition_backward`` (opaque to Inductor, so its backward's recomputation is
+not merged with the forward and saved); eager calls run the same functions as an autograd node.
 
 Synchronized BatchNorm: with a norm whose ``process_group`` has several ranks, in training, the
 statistics are the global batch's: one all_gather forward, one all-reduce of the two backward
@@ -40,6 +42,8 @@ from fastblocks.ops._common import (
     check_tensor,
     compute_dtype_of,
     conv_backward,
+    eager_path,
+    empty0,
     fake_channel_vectors,
     fake_like,
     is_channels_last,
@@ -68,26 +72,62 @@ def _transition_pool(x: torch.Tensor, kern, scale: torch.Tensor, shift: torch.Te
     return F.avg_pool2d(kern.apply(x, scale, shift, None, True, cl), 2, 2)
 
 
+def _transition_forward(x, training: bool, eps: float, weight, bias, conv_weight, running_mean, running_var, group):
+    """``(out, mean, var, total)``: the transition's output ``[N, C_out, H // 2, W // 2]``, the
+    statistics ``[C]`` (the running ones in eval) and the synchronized count (else ``None``)."""
+    cl = is_channels_last(x)
+    kern = kernels_for("dense_transition", x.device)
+    sd = acc_dtype(x.dtype)
+    total = None
+    if training:
+        mean, var = kern.stats(x, cl)
+        if group is not None:
+            mean, var, total = global_stats(mean, var, x.numel() // x.shape[1], group)
+    else:
+        mean, var = running_mean.to(sd), running_var.to(sd)
+    scale, shift, _ = scale_shift(mean, var, weight, bias, eps)
+    pooled = _transition_pool(x, kern, scale, shift, cl)
+    return F.conv2d(pooled, conv_weight), mean, var, total
+
+
+def _transition_backward(grad_out, x, weight, bias, conv_weight, mean, var, training: bool, eps: float, group, total):
+    """``(dx, dweight, dbias, dconv_weight)`` (``None`` for an absent BN parameter), recomputing
+    the pooled BN-ReLU from x and the statistics."""
+    cl = is_channels_last(x)
+    kern = kernels_for("dense_transition", x.device)
+    with no_autocast(x.device.type):
+        scale, shift, invstd = scale_shift(mean, var, weight, bias, eps)
+        pooled = _transition_pool(x, kern, scale, shift, cl)
+        dpooled, dconv = conv_backward(grad_out, pooled, conv_weight, 0)
+        del pooled
+        if group is None and _transition_kernels(x.device):
+            # Sums and dx in two passes over x, the pool's gradient read at its own size.
+            dx, sum_g, sum_gx = torch.ops.fastblocks.transition_pool_bwd.default(
+                dpooled, x, mean, scale, shift, invstd, training, cl
+            )
+        else:
+            # avg_pool2d_backward reads only the shape of `self`: x has it.
+            da = torch.ops.aten.avg_pool2d_backward(dpooled, x, [2, 2], [2, 2], [0, 0], False, True, None)
+            del dpooled
+            sum_g, sum_gx = kern.bwd_reduce(da, x, mean, scale, shift, None, True, cl)
+            sums = synced_sums(sum_g, sum_gx, x, group, total)
+            a, b, c = dx_coefficients(weight, mean, invstd, *sums, training)
+            dx = kern.bwd_apply(da, x, scale, shift, None, a, b, c, True, cl)
+    dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
+    dbias = None if bias is None else sum_g.to(bias.dtype)
+    return dx, dweight, dbias, dconv
+
+
 class _TransitionFunction(torch.autograd.Function):
-    """BN-ReLU-avgpool(2)-conv1x1 as one node; saves x and the statistics, recomputes the rest."""
+    """BN-ReLU-avgpool(2)-conv1x1 as one node for eager calls and synchronized statistics; saves x
+    and the statistics, recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, training: bool, eps: float, weight, bias, conv_weight, running_mean, running_var, group):
-        cl = is_channels_last(x)
-        kern = kernels_for("dense_transition", x.device)
-        sd = acc_dtype(x.dtype)
-        total = None
-        if training:
-            mean, var = kern.stats(x, cl)
-            if group is not None:
-                mean, var, total = global_stats(mean, var, x.numel() // x.shape[1], group)
-        else:
-            mean, var = running_mean.to(sd), running_var.to(sd)
-        scale, shift, _ = scale_shift(mean, var, weight, bias, eps)
-        pooled = _transition_pool(x, kern, scale, shift, cl)
-        out = F.conv2d(pooled, conv_weight)
-        ctx.training, ctx.eps, ctx.channels_last = training, eps, cl
-        ctx.group, ctx.total = group, total
+        out, mean, var, total = _transition_forward(
+            x, training, eps, weight, bias, conv_weight, running_mean, running_var, group
+        )
+        ctx.training, ctx.eps, ctx.group, ctx.total = training, eps, group, total
         ctx.save_for_backward(x, weight, bias, conv_weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
         if total is not None:
@@ -97,31 +137,90 @@ class _TransitionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _gm, _gv, _gt):
         x, weight, bias, conv_weight, mean, var = ctx.saved_tensors
-        cl = ctx.channels_last
-        kern = kernels_for("dense_transition", x.device)
-        with no_autocast(x.device.type):
-            scale, shift, invstd = scale_shift(mean, var, weight, bias, ctx.eps)
-            pooled = _transition_pool(x, kern, scale, shift, cl)
-            dpooled, dconv = conv_backward(grad_out, pooled, conv_weight, 0)
-            del pooled
-            if ctx.group is None and _transition_kernels(x.device):
-                # Sums and dx in two passes over x, the pool's gradient read at its own size.
-                dx, sum_g, sum_gx = torch.ops.fastblocks.transition_pool_bwd.default(
-                    dpooled, x, mean, scale, shift, invstd, ctx.training, cl
-                )
-                dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
-                dbias = None if bias is None else sum_g.to(bias.dtype)
-                return dx, None, None, dweight, dbias, dconv, None, None, None
-            # avg_pool2d_backward reads only the shape of `self`: x has it.
-            da = torch.ops.aten.avg_pool2d_backward(dpooled, x, [2, 2], [2, 2], [0, 0], False, True, None)
-            del dpooled
-            sum_g, sum_gx = kern.bwd_reduce(da, x, mean, scale, shift, None, True, cl)
-            sums = synced_sums(sum_g, sum_gx, x, ctx.group, ctx.total)
-            a, b, c = dx_coefficients(weight, mean, invstd, *sums, ctx.training)
-            dx = kern.bwd_apply(da, x, scale, shift, None, a, b, c, True, cl)
-        dweight = None if weight is None else (invstd * sum_gx).to(weight.dtype)
-        dbias = None if bias is None else sum_g.to(bias.dtype)
+        dx, dweight, dbias, dconv = _transition_backward(
+            grad_out, x, weight, bias, conv_weight, mean, var, ctx.training, ctx.eps, ctx.group, ctx.total
+        )
         return dx, None, None, dweight, dbias, dconv, None, None, None
+
+
+# Under torch.compile (and other tracing) the transition is a registered op, opaque to Inductor:
+# its joint-graph CSE would merge the backward's recomputed BN-ReLU-avgpool with the forward's, and
+# the partitioner would then keep the pooled activation.
+@torch.library.custom_op("fastblocks::dense_transition", mutates_args=())
+def _transition_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(out, mean, var)`` (the running statistics, copied, in eval)."""
+    out, mean, var, _ = _transition_forward(
+        x, training, eps, weight, bias, conv_weight, running_mean, running_var, None
+    )
+    if not training:  # outputs may not alias inputs
+        mean, var = mean.clone() if mean is running_mean else mean, var.clone() if var is running_var else var
+    return out, mean, var
+
+
+@_transition_op.register_fake
+def _(x, weight, bias, conv_weight, running_mean, running_var, training, eps):
+    shape = (x.shape[0], conv_weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
+    out = x.new_empty(shape).contiguous(memory_format=memory_format(is_channels_last(x)))
+    return out, *fake_channel_vectors(x, 2)
+
+
+@torch.library.custom_op("fastblocks::dense_transition_backward", mutates_args=())
+def _transition_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(dx, dweight, dbias, dconv_weight)``, empty for an absent BN parameter."""
+    grads = _transition_backward(grad_out, x, weight, bias, conv_weight, mean, var, training, eps, None, None)
+    return tuple(empty0(x) if g is None else g for g in grads)
+
+
+@_transition_backward_op.register_fake
+def _(grad_out, x, weight, bias, conv_weight, mean, var, training, eps):
+    def vec(p):
+        return empty0(x) if p is None else torch.empty_like(p)
+
+    pooled = x.new_empty((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2))
+    pooled = pooled.contiguous(memory_format=memory_format(is_channels_last(x)))
+    _, dconv = conv_backward(F.conv2d(pooled, conv_weight), pooled, conv_weight, 0)
+    return fake_like(x, is_channels_last(x)), vec(weight), vec(bias), dconv
+
+
+def _transition_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, conv_weight, _rm, _rv, training, eps = inputs
+    _out, mean, var = output
+    ctx.training, ctx.eps = training, eps
+    ctx.save_for_backward(x, weight, bias, conv_weight, mean, var)
+
+
+def _transition_autograd(ctx, grad_out, _gm, _gv):
+    x, weight, bias, conv_weight, mean, var = ctx.saved_tensors
+    dx, dweight, dbias, dconv = _transition_backward_op(
+        grad_out, x, weight, bias, conv_weight, mean, var, ctx.training, ctx.eps
+    )
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None, dweight if need[1] and weight is not None else None,
+        dbias if need[2] and bias is not None else None, dconv if need[3] else None, None, None, None, None,
+    )  # fmt: skip
+
+
+_transition_op.register_autograd(_transition_autograd, setup_context=_transition_setup_context)
 
 
 def dense_transition_reference(
@@ -171,9 +270,13 @@ def dense_transition(
     rm, rv = (None, None) if training else (norm.running_mean, norm.running_var)
     group = sync_group([norm], training)
     with no_autocast(x.device.type):
-        out, mean, var, total = _TransitionFunction.apply(
-            xc, training, float(norm.eps), norm.weight, norm.bias, w, rm, rv, group
-        )
+        if group is None and not eager_path(xc):  # traced (torch.compile, ...): the registered op
+            out, mean, var = _transition_op(xc, norm.weight, norm.bias, w, rm, rv, training, float(norm.eps))
+            total = None
+        else:
+            out, mean, var, total = _TransitionFunction.apply(
+                xc, training, float(norm.eps), norm.weight, norm.bias, w, rm, rv, group
+            )
     if training and norm.running_mean is not None:
         norm.update_running(mean, var, x.shape[0] * x.shape[2] * x.shape[3] if total is None else total)
     return out

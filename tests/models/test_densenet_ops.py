@@ -554,3 +554,87 @@ def test_stem_registered_op_opcheck_and_matches_the_eager_path(training, channel
     (gx_op,) = torch.autograd.grad(out.square().sum(), x)
     (gx_eager,) = torch.autograd.grad(eager.square().sum(), x)
     assert max_abs_err(gx_op, gx_eager) <= 1e-5 * (1 + gx_eager.abs().max().item())
+
+
+def _op_params(c0, k, bott, num_layers, affine, g):
+    """The registered op's flat parameter list (an absent BN weight or bias is an empty tensor)."""
+    params: list[torch.Tensor] = []
+    running: list[torch.Tensor] = []
+    for i in range(num_layers):
+        ci = c0 + i * k
+        params += [
+            (torch.rand(ci, generator=g) + 0.5).requires_grad_() if affine else torch.empty(0),
+            torch.randn(ci, generator=g).requires_grad_() if affine else torch.empty(0),
+            (0.3 * torch.randn(bott, ci, 1, 1, generator=g)).requires_grad_(),
+            (torch.rand(bott, generator=g) + 0.5).requires_grad_() if affine else torch.empty(0),
+            torch.randn(bott, generator=g).requires_grad_() if affine else torch.empty(0),
+            (0.2 * torch.randn(k, bott, 3, 3, generator=g)).requires_grad_(),
+        ]
+        running += [torch.randn(ci, generator=g), torch.rand(ci, generator=g) + 0.5]
+        running += [torch.randn(bott, generator=g), torch.rand(bott, generator=g) + 0.5]
+    return params, running
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_dense_block_registered_op_opcheck_and_matches_the_eager_path(training, channels_last, affine):
+    """Traced calls (torch.compile) run the block as a registered op: schema, fake kernel (with
+    and without kept bottlenecks, absent BN parameters), autograd; forward and every gradient
+    equal the eager path's (the same loops)."""
+    g = torch.Generator().manual_seed(0)
+    c0, k, bott, nl, eps = 6, 4, 8, 3, [1e-5] * 3
+    x = _input((2, c0, 5, 4), torch.float32, channels_last).requires_grad_()
+    params, running = _op_params(c0, k, bott, nl, affine, g)
+    keep = [True, False, True]
+    run = [] if training else running
+    args = (x, params, run, eps, eps, keep, training)
+    torch.library.opcheck(torch.ops.fastblocks.dense_block.default, args)
+    buf, m1, v1, m2, v2, kept = torch.ops.fastblocks.dense_block(*args)
+    bwd = (torch.randn_like(buf), buf, m1, v1, m2, v2, params, run, kept, eps, eps, keep, training, c0)
+    torch.library.opcheck(
+        torch.ops.fastblocks.dense_block_backward.default, bwd, test_utils=("test_schema", "test_faketensor")
+    )
+    opt = [p if p.numel() else None for p in params]
+
+    def norm(i: int, j: int) -> BatchNormParams:
+        return BatchNormParams(*opt[i : i + 2], *(None, None) if training else running[j : j + 2])
+
+    layers = [
+        DenseLayerParams(norm(6 * i, 4 * i), opt[6 * i + 2], norm(6 * i + 3, 4 * i + 2), opt[6 * i + 5])
+        for i in range(nl)
+    ]
+    eager = dense_block(x, layers, training=training, keep_bottleneck=None)
+    assert torch.equal(buf, eager)
+    leaves = [x] + [p for p in params if p.numel()]
+    grad = torch.randn_like(buf)
+    for got, want in zip(torch.autograd.grad(buf, leaves, grad), torch.autograd.grad(eager, leaves, grad)):
+        assert max_abs_err(got, want) <= 1e-5 * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_transition_registered_op_opcheck_and_matches_the_eager_path(training, channels_last):
+    """Traced calls run the transition as a registered op: schema, fake kernel, autograd; its
+    results equal the eager path's."""
+    g = torch.Generator().manual_seed(0)
+    x = _input((2, 8, 6, 5), torch.float32, channels_last).requires_grad_()
+    w, b = (torch.rand(8, generator=g) + 0.5).requires_grad_(), torch.randn(8, generator=g).requires_grad_()
+    cw = torch.randn(4, 8, 1, 1, generator=g, requires_grad=True)
+    rm, rv = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5
+    args = (x, w, b, cw, None if training else rm, None if training else rv, training, 1e-5)
+    torch.library.opcheck(torch.ops.fastblocks.dense_transition.default, args)
+    out, mean, var = torch.ops.fastblocks.dense_transition(*args)
+    torch.library.opcheck(
+        torch.ops.fastblocks.dense_transition_backward.default,
+        (torch.randn_like(out), x, w, b, cw, mean, var, training, 1e-5),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    norm = BatchNormParams(w, b, rm.clone(), rv.clone(), torch.zeros((), dtype=torch.long))
+    eager = dense_transition(x, norm, cw, training=training)
+    assert torch.equal(out, eager)
+    grad = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, (x, w, b, cw), grad), torch.autograd.grad(eager, (x, w, b, cw), grad)
+    ):
+        assert max_abs_err(got, want) <= 1e-5 * (1 + want.abs().max().item())
