@@ -8,7 +8,8 @@ failure instead of a skip, so a broken extension build cannot pass CI silently.
 CUDA cases (tests/helpers.py: ``devices()``, ``device_backends()``) carry the ``gpu`` marker,
 added here at collection: ``pytest -m gpu`` on a GPU machine runs every CUDA case and nothing
 else. On a machine without CUDA they are not collected at all (``FASTBLOCKS_TEST_FAKE_CUDA=1``
-collects them, skipped, to show what a GPU machine would run).
+collects them, skipped, to show what a GPU machine would run). Items that would run the ``cuda``
+backend on CPU tensors are deselected everywhere: they could only ever skip.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ if not torch.cuda.is_available():
 import pytest
 
 import fastblocks
-from tests.helpers import FAKE_CUDA, FAKE_CUDA_ENV, runs_on_cuda
+from tests.helpers import FAKE_CUDA, FAKE_CUDA_ENV, cuda_backend_on_cpu, runs_on_cuda
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every item that runs on CUDA with ``gpu`` (see tests/helpers.py: ``runs_on_cuda``)."""
+    """Mark every item that runs on CUDA with ``gpu`` (see tests/helpers.py: ``runs_on_cuda``), and
+    deselect the items that ask for the ``cuda`` backend on CPU tensors: that backend runs CUDA
+    tensors only, so they could never run, on any machine."""
+    never = [item for item in items if cuda_backend_on_cpu(item)]
+    if never:
+        config.hook.pytest_deselected(items=never)
+        items[:] = [item for item in items if not cuda_backend_on_cpu(item)]
     for item in items:
         if runs_on_cuda(item):
             item.add_marker(pytest.mark.gpu)

@@ -73,6 +73,13 @@ def runs_on_cuda(item: pytest.Item) -> bool:
     return callspec is not None and any(is_cuda_device(k, v) for k, v in callspec.params.items())
 
 
+def cuda_backend_on_cpu(item: pytest.Item) -> bool:
+    """Whether a collected item asks for the ``cuda`` backend (a ``backend`` parameter) without
+    running on CUDA: the ``cuda`` backend takes CUDA tensors only, so such an item can only skip."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("backend") == "cuda" and not runs_on_cuda(item)
+
+
 @contextlib.contextmanager
 def deterministic_cudnn(device: str) -> Iterator[None]:
     """On CUDA, cuDNN restricted to deterministic algorithms (some of its backward-data and

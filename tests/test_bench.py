@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 import types
 from pathlib import Path
 
@@ -319,6 +320,29 @@ def test_cli_bench_ops_quick(tmp_path, capsys):
     assert data["environment"]["copy_gbps"] > 0
     assert "| add_relu |" in out and "measurements in" in out
     assert (tmp_path / "ops_speedup.png").stat().st_size > 0
+
+
+class _SlowFirstCall(nn.Module):
+    """Stands in for ``torch.compile(model)``: its first call takes ``delay_s`` longer (the compile)."""
+
+    def __init__(self, model: nn.Module, delay_s: float) -> None:
+        super().__init__()
+        self.model, self.delay_s, self.calls = model, delay_s, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.delay_s)
+        return self.model(x)
+
+
+def test_model_bench_reports_the_compile_time_of_the_first_step(monkeypatch):
+    """``compile_s`` is the first step's extra time: the step that compiles, run before the timed rounds."""
+    monkeypatch.setattr(torch, "compile", lambda model: _SlowFirstCall(model, 0.5))
+    cfg = model_bench.ModelConfig(2, 16, num_classes=10, timing={"warmup": 1, "min_reps": 3, "min_time_s": 0.0})
+    rows = model_bench.run_model("tiny", tiny_net, ["eager", "compile"], "cpu", cfg, modes=("train",))
+    compiled = next(r for r in rows if r["provider"] == "compile")
+    assert compiled["compile_s"] >= 0.4, compiled["compile_s"]
 
 
 def test_cli_bench_models_and_fallback(tmp_path, capsys, monkeypatch):
