@@ -202,12 +202,22 @@ def _bn_forward_impl(x, weight, bias, running_mean, running_var, residual, train
         # skips the update) running buffers left alone. Zero statistics keep invstd finite.
         zeros = torch.zeros(x.shape[1], dtype=cd, device=x.device)
         return torch.empty_like(x, memory_format=memory_format(cl)), zeros, zeros.clone()
+    if _one_call(x):  # the registered op (traced graphs) runs the one-call kernels too; no update
+        return torch.ops.fastblocks.bn_fused_fwd.default(
+            x, weight, bias, running_mean, running_var, residual, training, 0.0, eps, relu, False, cl
+        )
     if training:
         mean, var = k.stats(x, cl)
     else:
         mean, var = running_mean.to(cd).clone(), running_var.to(cd).clone()
     scale, shift, _ = scale_shift(mean, var, weight, bias, eps)
     return k.apply(x, scale, shift, residual, relu, cl), mean, var
+
+
+def _one_call(x: torch.Tensor) -> bool:
+    """Whether ``batch_norm_act`` on ``x`` runs the one-call CPU kernels (``bn_fused_fwd`` /
+    ``bn_fused_bwd``, which have fake kernels, so traced backward graphs may call them too)."""
+    return _backend.cpu_kernels("batch_norm_act", x.device, "bn_fused_fwd", "bn_fused_bwd", under_compile=True)
 
 
 @_batch_norm_act_op.register_fake
@@ -224,6 +234,7 @@ def _bn_setup_context(ctx, inputs, output) -> None:
     _, mean, var = output
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
     ctx.has_weight, ctx.has_bias, ctx.has_res = weight is not None, bias is not None, residual is not None
+    ctx.one_call = x.numel() > 0 and _one_call(x)
     # The residual is needed only to rebuild the ReLU mask.
     ctx.save_for_backward(x, weight, bias, residual if relu else None, mean, var)
 
@@ -260,8 +271,23 @@ def _bn_backward_impl(ctx, grad_y, reduce: Callable, apply: Callable) -> tuple:
     return dx, dweight, dbias, None, None, dres, None, None, None
 
 
+def _one_call_backward(ctx, grad_y) -> tuple:
+    """The backward of ``batch_norm_act`` in one ``bn_fused_bwd`` call (the forward ran ``bn_fused_fwd``)."""
+    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dweight, dbias, dres = torch.ops.fastblocks.bn_fused_bwd.default(
+        grad_y, x, weight, bias, mean, var, residual, ctx.training, ctx.eps, ctx.relu,
+        need[0], need[1], need[2], need[5] and ctx.has_res, is_channels_last(x),
+    )  # fmt: skip
+    if need[5] and ctx.has_res and not ctx.relu:
+        dres = grad_y
+    return dx, dweight, dbias, None, None, dres, None, None, None
+
+
 @_backend.backward_on_forward_backend
 def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
+    if ctx.one_call:
+        return _one_call_backward(ctx, grad_y)
     # The registered backward ops (not the kernels), so the backward graph traces.
     return _bn_backward_impl(ctx, grad_y, _bwd_reduce_op, _bwd_apply_op)
 
@@ -280,7 +306,11 @@ _BatchNormActFunction = eager_function(
     "batch_norm_act",
     _bn_forward_impl,
     _bn_setup_context,
-    lambda ctx, grad_y, _grad_mean, _grad_var: _bn_backward_impl(ctx, grad_y, _reduce_direct, _apply_direct),
+    lambda ctx, grad_y, _grad_mean, _grad_var: (
+        _one_call_backward(ctx, grad_y)
+        if ctx.one_call
+        else _bn_backward_impl(ctx, grad_y, _reduce_direct, _apply_direct)
+    ),
     non_differentiable=lambda inputs, output: output[1:],  # the statistics
 )
 

@@ -87,6 +87,48 @@ def test_compiled_transition_is_one_registered_op_running_its_one_pass_kernels()
     assert max_abs_err(x.grad, x_eager.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
+def test_compiled_batch_norm_act_runs_the_one_call_cpu_kernels(residual: bool):
+    """Under torch.compile ``batch_norm_act`` on the compiled CPU backend runs ``bn_fused_fwd`` /
+    ``bn_fused_bwd`` (one C++ call each way), as plain eager calls do, and gives eager's gradients."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fastblocks.ops import batch_norm_act
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
+    codes: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list) -> object:
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    w, b = torch.rand(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    r = torch.randn(2, 8, 5, 5, requires_grad=True) if residual else None
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return batch_norm_act(x, w, b, training=True, relu=True, residual=r)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with fastblocks.use_backend("cpu"), torch.profiler.profile() as prof:
+        out = torch.compile(f, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)(x)
+        out.square().sum().backward()
+    assert "fastblocks.batch_norm_act.default" in codes[0]
+    ran = {e.key for e in prof.key_averages()}
+    assert {"fastblocks::bn_fused_fwd", "fastblocks::bn_fused_bwd"} <= ran, sorted(ran)
+    assert "fastblocks::bn_bwd_reduce" not in ran
+    got = [t.grad.clone() for t in (x, w, b, r) if t is not None]
+    for t in (x, w, b, r):
+        if t is not None:
+            t.grad = None
+    f(x).square().sum().backward()
+    for g, want in zip(got, (t.grad for t in (x, w, b, r) if t is not None)):
+        assert max_abs_err(g, want) <= 1e-5
+
+
 def _saved_bytes(fn, x: torch.Tensor, skip: set[int]) -> int:
     seen: dict[int, int] = {}
 
