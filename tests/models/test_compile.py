@@ -33,12 +33,9 @@ def test_fused_resnet50_has_no_graph_break(training):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, reasons
 
 
-def test_fused_bottleneck_resnet_compiled_matches_eager():
-    """fullgraph=True traces the fused bottleneck ResNet whole; forward, every gradient and the BN
-    running statistics match the eager twin (float64)."""
-    fused, eager = _twins(torch.float64)
-    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+def _assert_matches_eager(fused: torch.nn.Module, compiled, eager: torch.nn.Module, x: torch.Tensor) -> None:
+    """One float64 training step: ``compiled`` (of ``fused``) and ``eager`` give the same output,
+    parameter gradients and BN buffers."""
     out, out_eager = compiled(x), eager(x)
     assert max_abs_err(out, out_eager) <= 1e-10
     out.square().sum().backward()
@@ -47,6 +44,15 @@ def test_fused_bottleneck_resnet_compiled_matches_eager():
         assert max_abs_err(p.grad, q.grad) <= 1e-10 * (1 + q.grad.abs().max().item()), name
     for (name, b), c in zip(fused.named_buffers(), eager.buffers()):
         assert max_abs_err(b.double(), c.double()) <= 1e-9, name
+
+
+def test_fused_bottleneck_resnet_compiled_matches_eager():
+    """fullgraph=True traces the fused bottleneck ResNet whole; forward, every gradient and the BN
+    running statistics match the eager twin (float64)."""
+    fused, eager = _twins(torch.float64)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _assert_matches_eager(fused, compiled, eager, x)
 
 
 def test_compiled_transition_is_one_registered_op_running_its_one_pass_kernels():
@@ -188,14 +194,7 @@ def test_fused_densenet_compiled_matches_eager(channels_last):
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=fmt)
-    out, out_eager = compiled(x), eager(x)
-    assert max_abs_err(out, out_eager) <= 1e-10
-    out.square().sum().backward()
-    out_eager.square().sum().backward()
-    for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
-        assert max_abs_err(p.grad, q.grad) <= 1e-10 * (1 + q.grad.abs().max().item()), name
-    for (name, b), c in zip(fused.named_buffers(), eager.buffers()):
-        assert max_abs_err(b.double(), c.double()) <= 1e-9, name
+    _assert_matches_eager(fused, compiled, eager, x)
 
 
 def test_compiled_fused_densenet_saves_what_eager_fused_saves():
