@@ -149,15 +149,13 @@ def _saved_bytes(fn, x: torch.Tensor, skip: set[int]) -> int:
     return sum(seen.values())
 
 
-def test_compiled_fused_bottleneck_resnet_saves_what_eager_fused_saves():
-    """Inductor's partitioner (min-cut, after the joint graph's CSE) keeps about what the fused
-    model keeps eagerly: the bottleneck tail and the stem are opaque registered ops under tracing,
-    so their backward's recomputation cannot be merged with the forward's and saved. Measured
-    with no-op compilers (the partition is Inductor's; no code generation)."""
+def _saved_bytes_eager_and_compiled(fused: torch.nn.Module) -> tuple[int, int]:
+    """Bytes a training forward of ``fused`` (2x3x32x32) saves for backward, parameters excluded:
+    eagerly, and compiled with Inductor's min-cut partitioner and no-op compilers (the partition
+    is Inductor's; no code generation)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
-    fused, _ = _twins(torch.float32)
     fused.train()
     skip = {p.untyped_storage().data_ptr() for p in fused.parameters()}
     x = torch.randn(2, 3, 32, 32)
@@ -166,7 +164,15 @@ def test_compiled_fused_bottleneck_resnet_saves_what_eager_fused_saves():
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend=backend)
     compiled(x)  # compile
-    eager_bytes, compiled_bytes = _saved_bytes(fused, x, skip), _saved_bytes(compiled, x, skip)
+    return _saved_bytes(fused, x, skip), _saved_bytes(compiled, x, skip)
+
+
+def test_compiled_fused_bottleneck_resnet_saves_what_eager_fused_saves():
+    """Inductor's partitioner (min-cut, after the joint graph's CSE) keeps about what the fused
+    model keeps eagerly: the bottleneck tail and the stem are opaque registered ops under tracing,
+    so their backward's recomputation cannot be merged with the forward's and saved. Measured
+    with no-op compilers (the partition is Inductor's; no code generation)."""
+    eager_bytes, compiled_bytes = _saved_bytes_eager_and_compiled(_twins(torch.float32)[0])
     # 1.4% more at this size (per-channel vectors the partitioner saves apart; 1.41x before the
     # tail and the stem were registered ops).
     assert compiled_bytes <= 1.05 * eager_bytes, (compiled_bytes, eager_bytes)
@@ -203,17 +209,5 @@ def test_compiled_fused_densenet_saves_what_eager_fused_saves():
     stem are opaque registered ops under tracing, so no recomputation of theirs is merged with
     the forward and saved (DenseNet-121 at 2x3x64x64: 1.80 MB with the block and the transition
     traced through, 1.55 MB now and eagerly)."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
-    fused, _ = _densenet_twins(torch.float32)
-    fused.train()
-    skip = {p.untyped_storage().data_ptr() for p in fused.parameters()}
-    x = torch.randn(2, 3, 32, 32)
-    nop = lambda gm, _inputs: make_boxed_func(gm.forward)  # noqa: E731
-    backend = aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition)
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, backend=backend)
-    compiled(x)  # compile
-    eager_bytes, compiled_bytes = _saved_bytes(fused, x, skip), _saved_bytes(compiled, x, skip)
+    eager_bytes, compiled_bytes = _saved_bytes_eager_and_compiled(_densenet_twins(torch.float32)[0])
     assert compiled_bytes <= eager_bytes, (compiled_bytes, eager_bytes)
