@@ -35,6 +35,7 @@ PER_LAYER_RUNNING = 4  # norm1 running mean/var, norm2 running mean/var (eval on
 
 
 def rng_state(device: torch.device) -> torch.Tensor:
+    """The generator state of ``device`` (a uint8 tensor), from which :func:`dropout_noise` redraws a mask."""
     if device.type == "cpu":
         return torch.get_rng_state()
     if device.type == "cuda":
