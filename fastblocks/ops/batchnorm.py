@@ -271,16 +271,24 @@ def _bn_backward_impl(ctx, grad_y, reduce: Callable, apply: Callable) -> tuple:
     return dx, dweight, dbias, None, None, dres, None, None, None
 
 
-def _one_call_backward(ctx, grad_y) -> tuple:
-    """The backward of ``batch_norm_act`` in one ``bn_fused_bwd`` call (the forward ran ``bn_fused_fwd``)."""
+def _fused_backward(ctx, grad_y, need_x: bool, need_weight: bool, need_bias: bool, need_res: bool) -> tuple:
+    """``(dx, dweight, dbias, dres)`` of ``batch_norm_act`` in one ``bn_fused_bwd`` call, from what
+    :func:`_bn_setup_context` saved (the forward ran ``bn_fused_fwd``); ``None`` where not needed."""
     x, weight, bias, residual, mean, var = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need_res = need_res and ctx.has_res
     dx, dweight, dbias, dres = torch.ops.fastblocks.bn_fused_bwd.default(
         grad_y, x, weight, bias, mean, var, residual, ctx.training, ctx.eps, ctx.relu,
-        need[0], need[1], need[2], need[5] and ctx.has_res, is_channels_last(x),
+        need_x, need_weight, need_bias, need_res, is_channels_last(x),
     )  # fmt: skip
-    if need[5] and ctx.has_res and not ctx.relu:
+    if need_res and not ctx.relu:
         dres = grad_y
+    return dx, dweight, dbias, dres
+
+
+def _one_call_backward(ctx, grad_y) -> tuple:
+    """The registered op's backward in one ``bn_fused_bwd`` call."""
+    need = ctx.needs_input_grad
+    dx, dweight, dbias, dres = _fused_backward(ctx, grad_y, need[0], need[1], need[2], need[5])
     return dx, dweight, dbias, None, None, dres, None, None, None
 
 
@@ -322,7 +330,7 @@ class _BatchNormActCPUFunction(torch.autograd.Function):
     direction (``fastblocks::bn_fused_fwd``/``bn_fused_bwd``: the same kernels as
     :class:`_BatchNormActFunction`, the per-channel arithmetic and the running-statistics update as
     loops over C), because around a small activation the dozen per-channel tensor ops cost as
-    much as a pass over x. Results agree with the registered op's to an ulp or so. The running
+    much as a pass over x. The registered op runs the same two kernels on that backend. The running
     buffers travel in a tuple, out of autograd's view: they are updated in place, as
     ``F.batch_norm`` updates them."""
 
@@ -334,7 +342,7 @@ class _BatchNormActCPUFunction(torch.autograd.Function):
         y, mean, var = torch.ops.fastblocks.bn_fused_fwd.default(
             x, weight, bias, running_mean, running_var, residual, training, factor, eps, relu, update, cl
         )
-        ctx.training, ctx.eps, ctx.relu, ctx.channels_last = training, eps, relu, cl
+        ctx.training, ctx.eps, ctx.relu = training, eps, relu
         ctx.has_res = residual is not None
         ctx.save_for_backward(x, weight, bias, residual if relu else None, mean, var)
         return y
@@ -342,14 +350,8 @@ class _BatchNormActCPUFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, bias, residual, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dweight, dbias, dres = torch.ops.fastblocks.bn_fused_bwd.default(
-            grad_y, x, weight, bias, mean, var, residual, ctx.training, ctx.eps, ctx.relu,
-            need[0], need[1], need[2], need[4] and ctx.has_res, ctx.channels_last,
-        )  # fmt: skip
-        if need[4] and ctx.has_res and not ctx.relu:
-            dres = grad_y
+        dx, dweight, dbias, dres = _fused_backward(ctx, grad_y, need[0], need[1], need[2], need[4])
         return dx, dweight, dbias, None, dres, None, None, None, None
 
 

@@ -477,8 +477,10 @@ def dense_block(
     with no_autocast(x.device.type):
         if group is None and not (training and drop_rate > 0) and not eager_path(xc):  # traced: the registered op
             present = [empty0(xc, acc_dtype(xc.dtype)) if p is None else p for p in flat]
+            # Without a backward to come, no bottleneck is kept (each is freed once used).
+            keep = list(cfg.keep) if needs_graph([xc, *flat]) else [False] * len(layers)
             buf, mean1, var1, mean2, var2, _ = _dense_block_op(
-                xc, present, running, list(cfg.eps1), list(cfg.eps2), list(cfg.keep), training
+                xc, present, running, list(cfg.eps1), list(cfg.eps2), keep, training
             )
             total = None
         elif needs_graph([xc, *flat]):

@@ -638,3 +638,33 @@ def test_transition_registered_op_opcheck_and_matches_the_eager_path(training, c
         torch.autograd.grad(out, (x, w, b, cw), grad), torch.autograd.grad(eager, (x, w, b, cw), grad)
     ):
         assert max_abs_err(got, want) <= 1e-5 * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_traced_dense_block_keeps_bottlenecks_only_for_a_backward(monkeypatch, grad):
+    """On the registered-op path (traced calls; here a dispatch mode), the bottlenecks are kept for
+    backward only when autograd records the call: under no_grad (compiled inference) none is kept."""
+    import sys
+
+    from tests.helpers import RecordOps
+
+    module = sys.modules["fastblocks.ops.dense_block"]  # the package exports the function by that name
+
+    asked: list[list[bool]] = []
+    op = module._dense_block_op
+
+    def spy(x, params, running, eps1, eps2, keep, training):
+        asked.append(list(keep))
+        return op(x, params, running, eps1, eps2, keep, training)
+
+    monkeypatch.setattr(module, "_dense_block_op", spy)
+    g = torch.Generator().manual_seed(0)
+    params, _ = _op_params(6, 4, 8, 3, True, g)
+    layers = [DenseLayerParams(BatchNormParams(*params[6 * i : 6 * i + 2]), params[6 * i + 2],
+                               BatchNormParams(*params[6 * i + 3 : 6 * i + 5]), params[6 * i + 5])
+              for i in range(3)]  # fmt: skip
+    x = torch.randn(2, 6, 5, 4)
+    with torch.set_grad_enabled(grad), RecordOps() as rec:
+        dense_block(x, layers, training=True, keep_bottleneck=True)
+    assert "fastblocks.dense_block.default" in rec.seen
+    assert asked == [[grad] * 3]
