@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import io
 import json
@@ -368,6 +369,9 @@ CONV_DTYPES = {
     "ieee": ("fp16", "bf16", "fp32", "fp32-ieee"),
     "blocks": ("fp16", "fp32", "fp32-ieee"),
 }
+# Elementwise ops (their own launcher calls, declared in their modules): x's shape a multiple of
+# 16 elements, and not; the BatchNorm dtypes.
+ELEMENTWISE_SHAPES = ((BATCH, 256, 56, 56), (3, 5, 7, 9))
 # BatchNorm and add+ReLU: the launchers accept fp64 too (fp64 accumulation); "blocks": fp16 and fp32.
 BN_DTYPES = {"grid": ("fp16", "bf16", "fp32", "fp64"), "blocks": ("fp16", "fp32")}
 
@@ -628,11 +632,12 @@ def _allow_tf32(value: bool) -> Iterator[None]:
 
 def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], bool] = lambda name: True) -> None:
     """Call every launcher on the cases of ``scope`` (inside ``rec.active()``); ``select(group)``
-    filters the groups ``batchnorm``, ``bn_relu_conv`` and ``add_relu``."""
+    filters the groups ``batchnorm``, ``bn_relu_conv`` and each op that declares its launcher calls
+    (``add_relu``)."""
     import torch
 
-    # By module path: the package ``fastblocks.ops`` exports a function named ``add_relu``.
-    ar = importlib.import_module("fastblocks.ops.add_relu")
+    from fastblocks.ops._declarations import declared
+
     bn = importlib.import_module("fastblocks.ops._bn_triton")
     brc = importlib.import_module("fastblocks.ops.bn_relu_conv")
     brt = importlib.import_module("fastblocks.ops._bn_relu_conv_triton")
@@ -682,17 +687,19 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
                             rec.call(f"bwd_reduce {flags}", bn.bwd_reduce_triton, g, x, v, v, v, res, relu, cl)
                             rec.call(f"bwd_apply {flags}", bn.bwd_apply_triton, g, x, v, v, res, v, v, v, relu, cl)
 
-    if select("add_relu"):
-        for shape in ((BATCH, 256, 56, 56), (3, 5, 7, 9)):  # n a multiple of 16, and not
+    # Every op that declares its launcher calls (fastblocks.ops._declarations), e.g. add_relu.
+    for name, decl in declared().items():
+        if decl.sm90_launches is None or not select(name):
+            continue
+        for shape in ELEMENTWISE_SHAPES:
             for dname in BN_DTYPES["grid"]:
                 dtype = _torch_dtype(dname)
                 for layout in LAYOUTS:
                     cl = layout == "channels_last"
                     tag = f"{list(shape)} {dname} {layout}"
-                    x = empty(shape, dtype, cl)
-                    rec.call(f"add_relu fwd {tag}", ar._fwd_triton, x, empty(shape, dtype, cl), cl)
-                    mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
-                    rec.call(f"add_relu bwd {tag}", ar._bwd_triton, empty(shape, dtype, cl), mask, cl)
+                    make = functools.partial(empty, dtype=dtype, cl=cl)
+                    for what, launcher, args in decl.sm90_launches(make, shape, cl):
+                        rec.call(f"{name} {what} {tag}", launcher, *args)
 
 
 # ----------------------------------------------------------------------------- compile (Triton 3.6)

@@ -1,12 +1,15 @@
 """Op-level benchmark cases, shared by ``benchmarks/bench_*.py`` and ``fastblocks bench --ops``.
 
-Each case is one fused op at one shape, dtype and layout; each runs under several providers:
+Each case is one fused op at one shape, dtype and layout. The ops, their shapes, their nominal
+bytes and the functions timed are what each op module declares
+(:class:`fastblocks.ops._declarations.BenchDeclaration`): a new op adds its own cases. Each case
+runs under several providers:
 
 =============  ===========================================================================
-eager          what torchvision does: ``nn.BatchNorm2d`` then in-place ReLU (``out += identity``
-               in place before it), and ``torch.relu(x + y)`` (the op's reference)
+eager          what torchvision does, e.g. ``nn.BatchNorm2d``'s ``F.batch_norm`` then in-place
+               ReLU (``out += identity`` in place before it), ``torch.relu(x + y)``
 compile        ``torch.compile`` of the eager function (minutes on a CPU: opt-in there)
-fused          the fastblocks module/op with the default backend of the device (on the CPU the
+fused          the fastblocks op with the default backend of the device (on the CPU the
                compiled ``cpu`` kernels, else the reference; never the Triton interpreter)
 fused-compile  ``torch.compile`` of the fused function
 =============  ===========================================================================
@@ -15,8 +18,8 @@ and in three modes: ``fwd`` (forward with autograd recording, as in training), `
 backward alone, of a graph kept with ``retain_graph``) and ``full`` (forward + backward).
 
 GB/s counts the *nominal* bytes of each op: the traffic of a fused two-pass implementation (the
-same number for every provider, so a GB/s ratio is a speed ratio), in x-sized tensors per
-element:
+same number for every provider, so a GB/s ratio is a speed ratio), in x-sized tensors per element
+as the op declares them (``passes``), e.g.:
 
 ============  ===============================================  =========================================
 op            fwd                                              bwd
@@ -35,32 +38,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fastblocks import _backend
 from fastblocks.bench.memory import CUDA_PEAK, SAVED, cuda_peak_bytes, saved_bytes
 from fastblocks.bench.timing import Timing, measure_interleaved, synchronize
+from fastblocks.ops._declarations import BenchDeclaration, declared
 
-OPS: tuple[str, ...] = ("add_relu", "bn_relu", "bn_add_relu")
 PROVIDERS: tuple[str, ...] = ("eager", "compile", "fused", "fused-compile")
 MODES: tuple[str, ...] = ("fwd", "bwd", "full")
 
-# x-sized tensor passes per mode (module docstring); the 1-bit mask is added for add_relu.
-_PASSES = {"add_relu": (3, 2), "bn_relu": (3, 5), "bn_add_relu": (4, 8)}
-_REGISTERED = {"add_relu": "add_relu", "bn_relu": "batch_norm_act", "bn_add_relu": "batch_norm_act"}
 
-# ResNet-50 shapes (conv2_x input, conv2_x output, conv5_x output) at batch 256 on GPUs; the CPU
-# runs the same activations at batch 8.
-_GPU_SHAPES = {
-    "add_relu": [(256, 256, 56, 56)],
-    "bn_relu": [(256, 64, 56, 56), (256, 256, 56, 56), (256, 2048, 7, 7)],
-    "bn_add_relu": [(256, 64, 56, 56), (256, 256, 56, 56), (256, 2048, 7, 7)],
-}
-_CPU_SHAPES = {
-    "add_relu": [(8, 64, 56, 56)],
-    "bn_relu": [(8, 64, 56, 56), (8, 256, 56, 56), (8, 2048, 7, 7)],
-    "bn_add_relu": [(8, 64, 56, 56), (8, 256, 56, 56), (8, 2048, 7, 7)],
-}
+def _declared() -> dict[str, BenchDeclaration]:
+    """The ops that declare a benchmark (:mod:`fastblocks.ops._declarations`), by name."""
+    return {name: d.bench for name, d in declared().items() if d.bench is not None}
+
+
+#: The benchmarked ops: every op module's declaration, e.g. ``("add_relu", "bn_relu", "bn_add_relu")``.
+OPS: tuple[str, ...] = tuple(_declared())
 _TINY_SHAPE = (2, 8, 6, 6)
 
 
@@ -74,7 +68,7 @@ class OpCase:
     """One op at one shape, dtype and layout.
 
     Attributes:
-        name: one of :data:`OPS`.
+        name: a declared op (:data:`OPS`).
         shape: ``(N, C, H, W)`` of x (and of the residual).
         dtype: of the activations (BatchNorm parameters stay fp32, as under autocast).
         channels_last: NHWC memory layout.
@@ -104,9 +98,10 @@ class OpCase:
 
     def nbytes(self, mode: str) -> int:
         """Nominal bytes moved by one call in ``mode`` (module docstring)."""
-        fwd, bwd = _PASSES[self.name]
+        decl = _declared()[self.name]
+        fwd, bwd = decl.passes
         n, es = self.numel(), torch.empty((), dtype=self.dtype).element_size()
-        mask = (n + 7) // 8 if self.name == "add_relu" else 0
+        mask = (n + 7) // 8 if decl.mask_bits else 0
         per = {"fwd": fwd * n * es + mask, "bwd": bwd * n * es + mask}
         per["full"] = per["fwd"] + per["bwd"]
         return per[mode]
@@ -133,12 +128,13 @@ def default_cases(
     device = torch.device(device)
     cuda = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    table = _GPU_SHAPES if cuda else _CPU_SHAPES
+    table = _declared()
     cases = []
-    for name in ops or OPS:
-        if name not in OPS:
-            raise ValueError(f"unknown op {name!r}: choose from {', '.join(OPS)}")
-        shapes = [_TINY_SHAPE] if tiny else table[name][:1] if quick else table[name]
+    for name in ops or table:
+        if name not in table:
+            raise ValueError(f"unknown op {name!r}: choose from {', '.join(table)}")
+        all_shapes = table[name].gpu_shapes if cuda else table[name].cpu_shapes
+        shapes = [_TINY_SHAPE] if tiny else all_shapes[:1] if quick else all_shapes
         for shape in shapes:
             for cl in layouts:
                 cases.append(OpCase(name, tuple(shape), dtype, cl))
@@ -157,7 +153,7 @@ def fused_backend(case: OpCase, device: torch.device | str) -> str:
         RuntimeError: it would be the Triton interpreter (a correctness tool, never timed).
     """
     device = torch.device(device)
-    backend = _backend.resolve(_REGISTERED[case.name], device)
+    backend = _backend.resolve(_declared()[case.name].registered, device)
     if backend == "triton" and device.type == "cpu":
         raise RuntimeError("the fused provider would run the Triton interpreter on the CPU; it is never benchmarked")
     return backend
@@ -173,40 +169,8 @@ def provider_available(provider: str, device: torch.device | str, *, allow_cpu_c
 
 
 def _functions(case: OpCase, provider: str, device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
-    """``(f(x, r) -> out, parameters)`` of the provider (``r`` ignored without a residual)."""
-    from fastblocks.nn import BatchNormReLU2d, BNAddReLU
-    from fastblocks.ops.add_relu import add_relu, add_relu_reference
-
-    fused = provider.startswith("fused")
-    if case.name == "add_relu":
-        f = add_relu if fused else add_relu_reference
-        params: list[torch.Tensor] = []
-    else:
-        c = case.shape[1]
-        ref = nn.BatchNorm2d(c).to(device)
-        with torch.no_grad():  # non-trivial affine parameters, identical for every provider
-            g = torch.Generator().manual_seed(1)
-            ref.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            ref.bias.copy_(torch.randn(c, generator=g) * 0.1)
-        if fused:
-            bn = (BNAddReLU if case.name == "bn_add_relu" else BatchNormReLU2d)(c).to(device)
-            bn.load_state_dict(ref.state_dict())
-            f = bn if case.name == "bn_add_relu" else (lambda x, r: bn(x))
-        elif case.name == "bn_add_relu":
-            bn = ref
-
-            def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # torchvision Bottleneck's tail
-                out = bn(x)
-                out += r
-                return torch.relu_(out)
-
-        else:
-            bn = ref
-
-            def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-                return torch.relu_(bn(x))
-
-        params = list(bn.parameters())
+    """``(f(x, r) -> out, parameters)`` of the provider (``r`` ignored by an op of one input)."""
+    f, params = _declared()[case.name].functions(case.shape[1], device, provider.startswith("fused"))
     if provider.endswith("compile"):
         f = torch.compile(f)
     return f, params

@@ -14,6 +14,8 @@ module                          public functions
 ``transition``                  :func:`dense_transition` (BN-ReLU-avgpool-conv1x1)
 ``stem``                        :func:`stem_conv_bn_relu_pool` (the ImageNet stem)
 ``_bn_core``                    :class:`BatchNormParams`, :func:`update_running_stats` (BN rules)
+``_declarations``               ``OpDeclaration``: an op's entries in the accuracy harness, the op
+                                benchmark and the sm_90 compile check, declared in its module
 ==============================  ==================================================================
 
 This package exports the functions. Where a function has its module's name (``add_relu``,

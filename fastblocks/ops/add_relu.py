@@ -36,6 +36,7 @@ from fastblocks.ops._common import (
     memory_format,
     unflatten_memory_order,
 )
+from fastblocks.ops._declarations import AccuracyDeclaration, BenchDeclaration, OpDeclaration, declare
 from fastblocks.ops._triton import tl, triton
 
 SPEC = _backend.register_op(_backend.OpSpec(name="add_relu", triton=True, compiled=("add_relu_fwd", "add_relu_bwd")))
@@ -274,3 +275,40 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     _check(x, residual)
     op = _AddReLUFunction.apply if eager_path(x) else _add_relu_op
     return op(x, residual)[0]
+
+
+# ----------------------------------------------------------------------------- the shared tables
+def _accuracy_inputs(x: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+    # The residual cancels x exactly at a fifth of the elements: ReLU decisions at exactly 0.
+    cancel = torch.rand(x.shape, generator=g, dtype=x.dtype) < 0.2
+    return [x, torch.where(cancel, -x, torch.randn(x.shape, generator=g, dtype=x.dtype))]
+
+
+def _bench_functions(channels: int, device: torch.device, fused: bool):
+    return (add_relu if fused else add_relu_reference), []
+
+
+def _sm90_launches(empty, shape, channels_last):
+    x = empty(shape)
+    mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+    return [
+        ("fwd", _fwd_triton, (x, empty(shape), channels_last)),
+        ("bwd", _bwd_triton, (empty(shape), mask, channels_last)),
+    ]
+
+
+declare(
+    OpDeclaration(
+        "add_relu",
+        bench=BenchDeclaration(
+            registered="add_relu",
+            passes=(3, 2),  # read x, r, write out; read g, write dx (plus the mask each way)
+            mask_bits=True,
+            gpu_shapes=((256, 256, 56, 56),),  # ResNet-50 conv2_x output at batch 256
+            cpu_shapes=((8, 64, 56, 56),),
+            functions=_bench_functions,
+        ),
+        accuracy=AccuracyDeclaration(add_relu_reference, add_relu, _accuracy_inputs),
+        sm90_launches=_sm90_launches,
+    )
+)

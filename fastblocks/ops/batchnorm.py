@@ -81,6 +81,7 @@ from fastblocks.ops._common import (
     memory_format,
     schemas_defined,
 )
+from fastblocks.ops._declarations import BenchDeclaration, OpDeclaration, declare
 
 for _name in ("batch_norm_act", "bn_stats", "scale_shift_act"):
     _backend.register_op(_backend.OpSpec(name=_name, triton=True, compiled=COMPILED))
@@ -658,3 +659,41 @@ def sync_batch_norm_act(
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, total, momentum, num_batches_tracked)
     return y
+
+
+# ----------------------------------------------------------------------------- the shared tables
+def _bench_functions(residual: bool) -> Callable:
+    """``functions(channels, device, fused)`` of the ``bn_relu`` / ``bn_add_relu`` op benchmarks."""
+
+    def functions(channels: int, device: torch.device, fused: bool):
+        g = torch.Generator().manual_seed(1)  # non-trivial affine parameters, identical for every provider
+        weight = (torch.rand(channels, generator=g) + 0.5).to(device).requires_grad_()
+        bias = (torch.randn(channels, generator=g) * 0.1).to(device).requires_grad_()
+        mean, var = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+
+        def fused_f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return batch_norm_act(x, weight, bias, mean, var, residual=r if residual else None, relu=True)
+
+        def eager_f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # nn.BatchNorm2d's call, in-place tail
+            out = torch.nn.functional.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+            if residual:
+                out += r  # torchvision Bottleneck's tail
+            return torch.relu_(out)
+
+        return (fused_f if fused else eager_f), [weight, bias]
+
+    return functions
+
+
+# ResNet-50 BatchNorm inputs (conv2_x input, conv2_x output, conv5_x output) at batch 256 on GPUs,
+# the same activations at batch 8 on the CPU.
+_GPU_SHAPES = ((256, 64, 56, 56), (256, 256, 56, 56), (256, 2048, 7, 7))
+_CPU_SHAPES = tuple((8, *s[1:]) for s in _GPU_SHAPES)
+for _name, _residual, _passes in (("bn_relu", False, (3, 5)), ("bn_add_relu", True, (4, 8))):
+    # passes: stats read x, apply read x (and r), write y; reduce read g, x (r), apply read g, x (r), write dx (dr)
+    declare(
+        OpDeclaration(
+            _name,
+            bench=BenchDeclaration("batch_norm_act", _passes, _GPU_SHAPES, _CPU_SHAPES, _bench_functions(_residual)),
+        )
+    )

@@ -62,8 +62,6 @@ from fastblocks.testing.accuracy_cases import (  # noqa: F401  (re-exported: dat
     DISTRIBUTIONS,
     Case,
     Maker,
-    _add_relu_make,
-    _AddReLU,
     _block_case,
     _bn_case,
     _BNAct,

@@ -3,7 +3,8 @@
 :data:`DISTRIBUTIONS` (float64 inputs, adversarial ones included), the random weights of a trial
 and :func:`condition` (model weights that keep ReLU decisions away from 0), then the eager twins
 of the fused ops and :data:`CASES` (each op and block, the shapes and data it is tried on).
-Add a :class:`Case` here for a new op. Re-exported by :mod:`fastblocks.testing.accuracy`.
+An elementwise op declares its case in its own module (:mod:`fastblocks.ops._declarations`);
+blocks and convolutions have theirs here. Re-exported by :mod:`fastblocks.testing.accuracy`.
 """
 
 from __future__ import annotations
@@ -141,9 +142,15 @@ class _FusedBNAct(_BNAct):
         return self.bn(x, residual) if self.relu else self.bn(x) + residual
 
 
-class _AddReLU(nn.Module):
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return torch.relu(x + residual)
+class _Function(nn.Module):
+    """A parameter-free op as a module: the eager twin and the fused side of a declared op's case."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.fn(*inputs)
 
 
 class _PreAct(nn.Module):
@@ -241,13 +248,23 @@ def _bn_case(relu: bool, residual: bool) -> Maker:
     return make
 
 
-def _add_relu_make(shape, g, data):
-    from fastblocks.nn import AddReLU
+def _declared_case(name: str) -> Maker:
+    """The case of an op that declares its accuracy inputs (:mod:`fastblocks.ops._declarations`)."""
 
-    x = DISTRIBUTIONS[data](shape, g)
-    # The residual cancels x exactly at some elements: ReLU decisions at exactly 0.
-    r = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.2, -x, _normal(shape, g))
-    return _AddReLU(), lambda m: AddReLU(), [x, r]
+    def make(shape, g, data):
+        from fastblocks.ops._declarations import declared
+
+        decl = declared()[name].accuracy
+        xs = decl.inputs(DISTRIBUTIONS[data](shape, g), g)
+        return _Function(decl.reference), lambda m: _Function(decl.fused), xs
+
+    return make
+
+
+def _declared_cases() -> list[Case]:
+    from fastblocks.ops._declarations import declared
+
+    return [Case(name, _declared_case(name), _TINY) for name, d in declared().items() if d.accuracy is not None]
 
 
 def _conv_case(pre: bool, kernel: int, stride: int) -> Maker:
@@ -308,7 +325,7 @@ CASES: dict[str, Case] = {
         Case("batch_norm", _bn_case(relu=False, residual=False), _TINY),
         Case("batch_norm_relu", _bn_case(relu=True, residual=False), _TINY),
         Case("bn_add_relu", _bn_case(relu=True, residual=True), _TINY),
-        Case("add_relu", _add_relu_make, _TINY),
+        *_declared_cases(),  # the ops that declare their case, e.g. add_relu
         Case("bn_relu_conv1x1", _conv_case(True, 1, 1), _CONV),
         Case("bn_relu_conv3x3", _conv_case(True, 3, 1), _CONV),
         Case("bn_relu_conv3x3_s2", _conv_case(True, 3, 2), _CONV),
