@@ -12,6 +12,8 @@ BatchNorm-ReLU op, which keeps only the conv output for backward).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -161,12 +163,16 @@ def _bn_relu_conv_whole(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dt
     )  # fmt: skip
 
 
-class BNReLUConv2d(nn.Module):
-    """Pre-activation ``conv(relu(bn(x)))`` (DenseNet layers, pre-activation ResNets).
+class _ConvAndBatchNorm(nn.Module):
+    """The constructor of :class:`BNReLUConv2d` and :class:`ConvBNReLU2d`: ``nn.Conv2d``'s
+    arguments (``bias`` defaults to False: a BatchNorm is beside it), then ``nn.BatchNorm2d``'s.
 
-    State dict: ``norm.*`` (a BatchNorm2d's entries) and ``conv.*`` (a Conv2d's).
-    Shapes: ``[N, C_in, H, W] -> [N, C_out, H_out, W_out]``.
+    ``_PRE_ACTIVATION``: the BatchNorm normalizes the convolution's input and is registered as
+    ``norm`` before ``conv`` (torchvision's DenseNet layers); otherwise it normalizes the output
+    and is ``bn``, after ``conv``. The registration order is the state_dict's key order.
     """
+
+    _PRE_ACTIVATION = False
 
     def __init__(
         self,
@@ -181,10 +187,34 @@ class BNReLUConv2d(nn.Module):
         *,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
     ) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        bn = nn.BatchNorm2d(
+            in_channels if self._PRE_ACTIVATION else out_channels,
+            eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
+        )  # fmt: skip
+        if self._PRE_ACTIVATION:
+            self.norm, self.conv = bn, conv
+        else:
+            self.conv, self.bn = conv, bn
+
+
+class BNReLUConv2d(_ConvAndBatchNorm):
+    """Pre-activation ``conv(relu(bn(x)))`` (DenseNet layers, pre-activation ResNets).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv2d`` (bias defaults to False).
+        eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d`` (over ``in_channels``).
+
+    State dict: ``norm.*`` (a BatchNorm2d's entries) and ``conv.*`` (a Conv2d's).
+    Shapes: ``[N, C_in, H, W] -> [N, C_out, H_out, W_out]``.
+    """
+
+    _PRE_ACTIVATION = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return bn_relu_conv(x, self.norm, self.conv)
@@ -244,7 +274,7 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: 
     return _batch_norm_tail(conv(x), bn, relu)
 
 
-class ConvBNReLU2d(nn.Module):
+class ConvBNReLU2d(_ConvAndBatchNorm):
     """Post-activation ``relu(bn(conv(x)))`` (ResNet stems and blocks, VGG-style layers).
 
     Memory. Eager ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` keeps for backward the conv input
@@ -278,28 +308,8 @@ class ConvBNReLU2d(nn.Module):
     Shapes: ``[N, C_in, H, W] -> [N, C_out, H_out, W_out]``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = False,
-        *,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        relu: bool = True,
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self.bn = nn.BatchNorm2d(
-            out_channels, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats
-        )
+    def __init__(self, *args: Any, relu: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.relu = relu
         self.folded: FoldedConv2d | None = None
 
