@@ -134,3 +134,25 @@ def test_one_value_per_channel_in_training_raises_like_torch():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         layer(torch.randn(1, 3, 1, 1))
     assert int(layer.norm.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("bn_name", list(BN_OPTIONS))
+def test_module_builds_the_batch_norm_it_is_given(bn_name):
+    """BNReLUConv2d passes nn.BatchNorm2d's options to its norm (the constructor it shares with
+    ConvBNReLU2d), keeps torchvision's key order (norm.*, then conv.*) and runs as the functional."""
+    from fastblocks.nn import ConvBNReLU2d
+
+    opts = BN_OPTIONS[bn_name]
+    torch.manual_seed(0)
+    module = BNReLUConv2d(4, 6, 3, padding=1, **opts)
+    ref = nn.BatchNorm2d(4, **opts)
+    assert list(module.state_dict()) == [f"norm.{k}" for k in ref.state_dict()] + ["conv.weight"]
+    assert (module.norm.affine, module.norm.track_running_stats, module.norm.momentum) == (
+        ref.affine, ref.track_running_stats, ref.momentum,
+    )  # fmt: skip
+    post = ConvBNReLU2d(4, 6, 3, padding=1, relu=False, **opts)
+    assert list(post.state_dict()) == ["conv.weight"] + [f"bn.{k}" for k in nn.BatchNorm2d(6, **opts).state_dict()]
+    assert post.bn.num_features == 6 and post.relu is False
+    x = torch.randn(3, 4, 5, 5)
+    eager = nn.Sequential(copy.deepcopy(module.norm), nn.ReLU(), copy.deepcopy(module.conv))
+    assert max_abs_err(module(x), eager(x)) <= 1e-5
