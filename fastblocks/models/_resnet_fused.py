@@ -9,6 +9,10 @@ the fused one in place (the classes are paired by :func:`~fastblocks.models._fus
 below), so ``isinstance(block, Bottleneck)`` holds in both forms. What the fused forms run:
 
 - every BatchNorm-ReLU in front of a convolution: :func:`~fastblocks.models._fusion.fused_bn_relu_conv`;
+- every other convolution (a block's first, a projection shortcut's):
+  :func:`~fastblocks.ops.conv2d.conv2d_module`, the module itself on eager calls and a registered
+  op when traced, so that a compiled fused network holds no ``aten.convolution`` and Inductor
+  keeps its layout (:mod:`fastblocks.ops.conv2d` says why);
 - the end of a post-activation block, per variant: ``relu(bn(out) + identity)`` as one
   :class:`~fastblocks.nn.BNAddReLU` (``original``), the other variants' BN-ReLU as a
   :class:`~fastblocks.nn.BatchNormReLU2d`;
@@ -30,11 +34,26 @@ from fastblocks.models._fusion import fused_bn_relu_conv, register_form
 from fastblocks.models._resnet_blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, _PreActBlock
 from fastblocks.nn.conv import bn_relu_conv_bn_add_relu
 from fastblocks.ops import BatchNormParams, stem_conv_bn_relu_pool
+from fastblocks.ops.conv2d import conv2d_module
 
 if TYPE_CHECKING:
     from fastblocks.models.resnet import ResNet
 
 __all__ = ["fused_stem", "plan_tails", "runs_fused_stem"]
+
+
+def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
+    """The block's shortcut: x, or ``downsample(x)`` with its convolution through
+    :func:`~fastblocks.ops.conv2d.conv2d_module` (a registered op when traced)."""
+    down = block.downsample
+    if down is None:
+        return x
+    if isinstance(down, nn.Sequential) and len(down) and type(down[0]) is nn.Conv2d:
+        out = conv2d_module(x, down[0])
+        for m in down[1:]:
+            out = m(out)
+        return out
+    return down(x)  # shortcut "A": parameter-free
 
 
 def _end(block: BasicBlock | Bottleneck, out: Tensor, identity: Tensor, bn: nn.Module) -> Tensor:
@@ -52,8 +71,8 @@ class _FusedBasicBlock(BasicBlock):
     """:class:`BasicBlock`'s fused form: ``conv2(relu(bn1(conv1(x))))`` through ``bn_relu_conv``, then the fused end."""
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = fused_bn_relu_conv(self.conv1(x), self.bn1, self.conv2)
+        identity = _shortcut(self, x)
+        out = fused_bn_relu_conv(conv2d_module(x, self.conv1), self.bn1, self.conv2)
         return _end(self, out, identity, self.bn2)
 
 
@@ -61,8 +80,8 @@ class _FusedBottleneck(Bottleneck):
     """:class:`Bottleneck`'s fused form: two ``bn_relu_conv``, then the fused end or the recomputing tail."""
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv1(x)
+        identity = _shortcut(self, x)
+        out = conv2d_module(x, self.conv1)
         out = fused_bn_relu_conv(out, self.bn1, self.conv2)
         if self.recompute_tail and self.residual and self.variant == "original":
             # relu(bn3(conv3(relu(bn2(out)))) + identity) as one node: conv3's input and output
@@ -77,7 +96,7 @@ def _enter(block: _PreActBlock, x: Tensor) -> tuple[Tensor, Tensor]:
     if block.downsample is None:
         return fused_bn_relu_conv(x, block.bn1, block.conv1), x
     act = block.bn1(x)  # BatchNormReLU2d: conv1 and the projection both read it
-    return block.conv1(act), block.downsample(act)
+    return conv2d_module(act, block.conv1), _shortcut(block, act)
 
 
 class _FusedPreActBasicBlock(PreActBasicBlock):

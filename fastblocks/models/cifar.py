@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fastblocks.models._resnet_blocks import BasicBlock, Block, BlockVariant, NormLayer, ShortcutType, conv3x3
 from fastblocks.models.resnet import _block_for, _ovewrite_named_param, _ResNetBase, check_no_weights
+from fastblocks.ops.conv2d import conv2d_module
 
 __all__ = [
     "CifarResNet",
@@ -98,7 +99,7 @@ class CifarResNet(_ResNetBase):
         self._finish(fused)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
+        x = conv2d_module(x, self.conv1) if self.fused else self.conv1(x)  # a registered op when traced
         if self.block_variant != "preact" and not self.folded:  # folded: bn1 and the ReLU are inside conv1
             x = self._bn_relu(self.bn1, x)
 

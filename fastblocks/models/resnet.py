@@ -111,6 +111,7 @@ from fastblocks.models._resnet_blocks import (
 from fastblocks.models._resnet_fused import fused_stem, plan_tails, runs_fused_stem
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.batchnorm import BatchNormReLU2d
+from fastblocks.ops.conv2d import conv2d_module
 
 __all__ = [
     "BasicBlock",
@@ -425,7 +426,7 @@ class ResNet(_ResNetBase):
         if runs_fused_stem(self):
             x = fused_stem(self, x)  # conv1, bn1, relu, maxpool as one node that recomputes the conv
         else:
-            x = self.conv1(x)
+            x = conv2d_module(x, self.conv1) if self.fused else self.conv1(x)  # a registered op when traced
             if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes
                 x = self._bn_relu(self.bn1, x)  # folded: inside conv1
             x = self.maxpool(x)

@@ -13,6 +13,8 @@ module                          public functions
 ``dense_layer``                 (its one-call CPU layer kernels: fake kernels, when they run)
 ``transition``                  :func:`dense_transition` (BN-ReLU-avgpool-conv1x1)
 ``stem``                        :func:`stem_conv_bn_relu_pool` (the ImageNet stem)
+``conv2d``                      ``conv2d_module``: a plain convolution as a registered op when traced
+                                (a compiled fused network holds no ``aten.convolution``)
 ``_bn_core``                    :class:`BatchNormParams`, :func:`update_running_stats` (BN rules)
 ``_declarations``               ``OpDeclaration``: an op's entries in the accuracy harness, the op
                                 benchmark and the sm_90 compile check, declared in its module

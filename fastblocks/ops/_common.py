@@ -66,6 +66,15 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` with exactly the strides ``torch.empty(..., memory_format=...)`` gives (as the fake)."""
+    fmt = memory_format(channels_last)
+    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    if t.stride() == want:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+
+
 def empty0(ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The placeholder for an output that was not asked for (custom ops return tensors)."""
     return ref.new_empty((0,), dtype=dtype or ref.dtype)

@@ -77,6 +77,7 @@ from fastblocks.ops._common import (
     empty0,
     is_channels_last,
     memory_format,
+    to_layout,
 )
 
 SPEC = _backend.register_op(
@@ -152,15 +153,6 @@ def make_conv(stride: object, padding: object, dilation: object, groups: object)
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     return Conv(_pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), groups)
-
-
-def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``t`` with exactly the strides ``torch.empty(..., memory_format=...)`` gives (as the fake)."""
-    fmt = memory_format(channels_last)
-    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
-    if t.stride() == want:
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
 
 
 def _reduce(t: torch.Tensor) -> torch.Tensor:

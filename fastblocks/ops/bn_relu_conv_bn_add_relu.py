@@ -51,6 +51,7 @@ from fastblocks.ops._common import (
     empty0,
     is_channels_last,
     memory_format,
+    to_layout,
 )
 from fastblocks.ops.batchnorm import batch_norm_act, batch_norm_act_reference
 from fastblocks.ops.bn_relu_conv import (
@@ -59,7 +60,6 @@ from fastblocks.ops.bn_relu_conv import (
     bn_relu_conv2d_reference,
     check_conv_inputs,
     make_conv,
-    to_layout,
 )
 
 
