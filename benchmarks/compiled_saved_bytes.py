@@ -4,11 +4,14 @@
     python benchmarks/compiled_saved_bytes.py --model resnet50 --batch 2 --size 224 --no-layout-opt
 
 One training forward of the fused model (parameters excluded, as ``fastblocks bench``'s "saved
-for bwd" column), then the same under ``torch.compile``. ``--no-layout-opt`` sets
-``torch._inductor.config.layout_optimization = False``: on the CPU, Inductor otherwise turns a
-graph with any ``aten.convolution`` to channels_last and saves channels_last copies of the weights
-that fastblocks' ops take. ``--channels-last`` runs model and input in that layout. Prints the two
-totals and the tensors (shape, dtype, bytes) that only the compiled model keeps.
+for bwd" column), then the same under ``torch.compile``. Prints the two totals and the tensors
+(shape, dtype, bytes) that only the compiled model keeps. The two totals should be equal: on the
+CPU, Inductor's layout optimization turns a graph with any ``aten.convolution`` to channels_last
+and then saved channels_last copies of the weights that fastblocks' ops take (ResNet-50, 2x64x64,
+NCHW: 44.25 MB against 8.38 MB), until the fused networks' plain convolutions became the
+registered op ``fastblocks::conv2d`` when traced (``fastblocks/ops/conv2d.py``).
+``--no-layout-opt`` sets ``torch._inductor.config.layout_optimization = False`` (the diagnosis);
+``--channels-last`` runs model and input in that layout.
 """
 
 from __future__ import annotations
