@@ -24,6 +24,7 @@ from fastblocks.ops._common import acc_dtype
 from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv_with_batch_norm, cpu_whole_layer_available
 from fastblocks.ops.bn_relu_conv_bn_add_relu import bn_relu_conv_bn_add_relu2d
+from fastblocks.ops.conv2d import conv2d_module
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -243,7 +244,9 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: 
     """``relu(bn(conv(x)))`` keeping neither the BatchNorm output nor the ReLU output for backward.
 
     The convolution is PyTorch's (``conv(x)``: cuDNN/oneDNN; under autocast it runs in the
-    autocast dtype, as eager does); BatchNorm (+ ReLU) is :func:`fastblocks.ops.batchnorm.batch_norm_act`,
+    autocast dtype, as eager does; traced, it is the registered op ``fastblocks::conv2d``, so a
+    compiled graph of fastblocks ops holds no ``aten.convolution`` and Inductor does not re-lay
+    their inputs out: :mod:`fastblocks.ops.conv2d`); BatchNorm (+ ReLU) is :func:`fastblocks.ops.batchnorm.batch_norm_act`,
     which rebuilds the ReLU mask from the conv output in backward. ``bn``'s running buffers are
     updated once, as ``nn.BatchNorm2d`` updates them (``num_batches_tracked``, ``momentum=None``,
     eval, ``track_running_stats=False``, ``affine=False``).
@@ -271,7 +274,7 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: 
         raise ValueError(f"conv_bn_relu expects x to be a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"x has {x.shape[1]} channels but the convolution expects in_channels={conv.in_channels}")
-    return _batch_norm_tail(conv(x), bn, relu)
+    return _batch_norm_tail(conv2d_module(x, conv), bn, relu)  # traced: fastblocks::conv2d (ops/conv2d.py)
 
 
 class ConvBNReLU2d(_ConvAndBatchNorm):

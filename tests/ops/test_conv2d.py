@@ -87,3 +87,14 @@ def test_traced_under_autocast_casts_as_eager_does():
         y, want = compiled(x), conv(x)
     assert y.dtype == want.dtype == torch.bfloat16
     assert torch.equal(y, want)
+
+
+def test_traced_conv_bn_relu_holds_no_aten_convolution():
+    """``fastblocks.nn.conv.conv_bn_relu`` (ConvBNReLU2d) traced: its convolution is the registered op."""
+    from fastblocks.nn.conv import conv_bn_relu
+
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    x = torch.randn(2, 4, 5, 5)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: conv_bn_relu(t, conv, bn))(x)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.fastblocks.conv2d.default in targets and torch.ops.aten.convolution.default not in targets
