@@ -41,14 +41,7 @@ from fastblocks.ops._common import (
     no_autocast,
     to_layout,
 )
-
-
-def _out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, ...]:
-    hw = [
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
-    ]
-    return (x.shape[0], weight.shape[0], *hw)
+from fastblocks.ops.bn_relu_conv import make_conv
 
 
 @torch.library.custom_op("fastblocks::conv2d", mutates_args=())
@@ -69,7 +62,8 @@ def _conv2d_op(
 
 @_conv2d_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups):
-    shape = _out_shape(x, weight, stride, padding, dilation)
+    ho, wo = make_conv(stride, padding, dilation, groups).out_hw(*x.shape[2:], *weight.shape[2:])
+    shape = (x.shape[0], weight.shape[0], ho, wo)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(is_channels_last(x)))
 
 
