@@ -267,6 +267,11 @@ def _built(names: tuple[str, ...]) -> bool:
     return all(_ext.has_kernel(name, "CPU") for name in names)
 
 
+def cpu_kernels_built(*names: str) -> bool:
+    """Whether the extension has every CPU kernel in ``names`` (a stale build may not)."""
+    return _built(names)
+
+
 # Under torch.compile the answer is a constant of the graph (Dynamo cannot trace the dispatcher query).
 _built_eager = torch.compiler.disable(_built, recursive=True)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from fastblocks.nn.batchnorm import BatchNorm2d as FastBatchNorm2d
 from fastblocks.nn.fold import FoldedConv2d
-from fastblocks.ops._bn_core import module_step, momentum_factor, scale_shift, update_running_stats
+from fastblocks.ops._bn_core import module_step, scale_shift, update_running_stats
 from fastblocks.ops._common import acc_dtype
 from fastblocks.ops.batchnorm import batch_norm_act, bn_stats, sync_batch_norm_act
 from fastblocks.ops.bn_relu_conv import bn_relu_conv2d, bn_relu_conv_with_batch_norm, cpu_whole_layer_available
@@ -157,9 +157,9 @@ def _bn_relu_conv_whole(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, dt
         rm, rv = (bn.running_mean, bn.running_var) if update else (None, None)
     else:
         rm, rv = bn.running_mean, bn.running_var
-    factor = momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
     return bn_relu_conv_with_batch_norm(
-        x, bn.weight, bn.bias, rm, rv, conv.weight.to(dtype), training=use_batch, factor=factor, eps=bn.eps,
+        x, bn.weight, bn.bias, rm, rv, conv.weight.to(dtype), training=use_batch, momentum=bn.momentum, eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
     )  # fmt: skip
 

@@ -68,15 +68,18 @@ import torch.nn.functional as F
 
 from fastblocks import _backend
 from fastblocks.ops import _bn_relu_conv_triton
-from fastblocks.ops._bn_core import COMPILED_KERNELS, Kernels
+from fastblocks.ops._bn_core import COMPILED_KERNELS, Kernels, momentum_factor, update_running_stats
 from fastblocks.ops._common import (
     acc_dtype,
     check_tensor,
     eager_function,
     eager_path,
     empty0,
+    fake_channel_vectors,
+    fake_like,
     is_channels_last,
     memory_format,
+    no_autocast,
     to_layout,
 )
 
@@ -466,65 +469,215 @@ _BNReLUConv2dFunction = eager_function(
 
 
 # ----------------------------------------------------------------------------- whole layer, CPU
-class _BNReLUConvCPUFunction(torch.autograd.Function):
-    """``conv2d(relu(batch_norm(x)))`` with the BatchNorm inside, for plain eager calls on the
-    compiled CPU backend (:func:`bn_relu_conv_with_batch_norm`).
+# conv2d(relu(batch_norm(x))) with the BatchNorm inside, on the compiled CPU backend. Split into
+# bn_stats -> scale/shift -> bn_relu_conv2d, the backward is the prologue's reduction and dx pass,
+# then the statistics' own x-sized pass, then autograd adding the two dx (and a dozen small
+# per-channel nodes). Here it is the BatchNorm-ReLU backward of the convolution's input gradient:
+# one reduction and one dx pass (``fastblocks::bn_fused_bwd``). Forward: ``bn_fused_fwd``
+# (statistics, the running-buffer update in eager calls, the activation), the convolution, the
+# activation freed. Saved: x, the weights and the per-channel statistics. Eager calls run it as
+# one autograd node (:class:`_BNReLUConvCPUFunction`), traced calls as the registered op pair
+# ``fastblocks::batch_norm_relu_conv2d`` / ``batch_norm_relu_conv2d_backward`` (opaque to
+# Inductor, which would otherwise re-lay-out the convolution's operands).
+def _whole_forward(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor,
+    conv: Conv,
+    training: bool,
+    factor: float,
+    eps: float,
+    update: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(conv2d(relu(batch_norm(x)), weight), mean, biased var)``; running buffers updated when ``update``."""
+    cl = is_channels_last(x)
+    a, mean, var = torch.ops.fastblocks.bn_fused_fwd.default(
+        x, gamma, beta, running_mean, running_var, None, training, factor, eps, True, update, cl
+    )
+    with no_autocast(x.device.type):
+        y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return to_layout(y, cl), mean, var
 
-    Split into ``bn_stats`` -> scale/shift -> :func:`bn_relu_conv2d`, the backward is the prologue's
-    reduction and dx pass, then the statistics' own x-sized pass, then autograd adding the two
-    dx (and a dozen small per-channel nodes). Here it is the BatchNorm-ReLU backward of the
-    convolution's input gradient: one reduction and one dx pass (``fastblocks::bn_fused_bwd``).
-    Forward: ``bn_fused_fwd`` (statistics, running-buffer update, the activation), the
-    convolution, the activation freed. Saved: x, the weights and per-channel statistics."""
+
+def _whole_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor,
+    conv: Conv,
+    training: bool,
+    eps: float,
+    need: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """``(dx, dgamma, dbeta, dweight)`` of :func:`_whole_forward` (None where ``need`` is false)."""
+    cl = is_channels_last(x)
+    # The forward's activation, bit for bit: the same kernel normalizing with the saved
+    # statistics (eval mode of the same op, the same per-channel arithmetic).
+    a = torch.ops.fastblocks.bn_fused_fwd.default(x, gamma, beta, mean, var, None, False, 0.0, eps, True, False, cl)[0]
+    need_bn = any(need[:3])
+    grad_a, dweight, _ = torch.ops.aten.convolution_backward(
+        grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        [need_bn, need[3], False],
+    )  # fmt: skip
+    del a
+    dx = dgamma = dbeta = None
+    if need_bn:
+        dx, dgamma, dbeta, _ = torch.ops.fastblocks.bn_fused_bwd.default(
+            grad_a, x, gamma, beta, mean, var, None, training, eps, True, need[0], need[1], need[2], False, cl
+        )
+    return dx, dgamma, dbeta, dweight if need[3] else None
+
+
+class _BNReLUConvCPUFunction(torch.autograd.Function):
+    """The whole layer for plain eager calls: one autograd node; the running buffers travel in a
+    tuple, out of autograd's view, and are updated in place by the forward kernel."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, buffers, training, factor, eps, weight, conv):
         running_mean, running_var = buffers
-        cl = is_channels_last(x)
         update = training and running_mean is not None
-        a, mean, var = torch.ops.fastblocks.bn_fused_fwd.default(
-            x, gamma, beta, running_mean, running_var, None, training, factor, eps, True, update, cl
+        y, mean, var = _whole_forward(
+            x, gamma, beta, running_mean, running_var, weight, conv, training, factor, eps, update
         )
-        y = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        del a
-        ctx.training, ctx.eps, ctx.conv, ctx.channels_last = training, eps, conv, cl
+        ctx.training, ctx.eps, ctx.conv = training, eps, conv
         ctx.save_for_backward(x, gamma, beta, mean, var, weight)
-        return to_layout(y, cl)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, gamma, beta, mean, var, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        conv, cl = ctx.conv, ctx.channels_last
-        # The forward's activation, bit for bit: the same kernel normalizing with the saved
-        # statistics (eval mode of the same op, the same per-channel arithmetic).
-        a = torch.ops.fastblocks.bn_fused_fwd.default(
-            x, gamma, beta, mean, var, None, False, 0.0, ctx.eps, True, False, cl
-        )[0]
-        need_bn = any(need[:3])
-        grad_a, dweight, _ = torch.ops.aten.convolution_backward(
-            grad_y, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
-            [need_bn, need[7], False],
+        dx, dgamma, dbeta, dweight = _whole_backward(
+            grad_y, x, gamma, beta, mean, var, weight, ctx.conv, ctx.training, ctx.eps,
+            (need[0], need[1], need[2], need[7]),
         )  # fmt: skip
-        del a
-        dx = dgamma = dbeta = None
-        if need_bn:
-            dx, dgamma, dbeta, _ = torch.ops.fastblocks.bn_fused_bwd.default(
-                grad_a, x, gamma, beta, mean, var, None, ctx.training, ctx.eps, True,
-                need[0], need[1], need[2], False, cl,
-            )  # fmt: skip
-        return dx, dgamma, dbeta, None, None, None, None, dweight if need[7] else None, None
+        return dx, dgamma, dbeta, None, None, None, None, dweight, None
+
+
+def _check_whole_layer_device(x: torch.Tensor) -> None:
+    if x.device.type != "cpu" or not _backend.cpu_kernels_built("bn_fused_fwd", "bn_fused_bwd"):
+        raise RuntimeError(
+            "fastblocks::batch_norm_relu_conv2d runs on the CPU with the compiled extension's "
+            f"bn_fused_fwd/bn_fused_bwd kernels; x is on {x.device}"
+        )
+
+
+@torch.library.custom_op("fastblocks::batch_norm_relu_conv2d", mutates_args=())
+def _whole_layer_op(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(conv2d(relu(batch_norm(x)), weight), mean, biased var)``. The running
+    buffers normalize in eval and are never written (the caller folds mean/var into them)."""
+    _check_whole_layer_device(x)
+    conv = make_conv(stride, padding, dilation, groups)
+    return _whole_forward(x, gamma, beta, running_mean, running_var, weight, conv, training, 0.0, eps, False)
+
+
+@_whole_layer_op.register_fake
+def _(x, gamma, beta, running_mean, running_var, weight, stride, padding, dilation, groups, training, eps):
+    ho, wo = make_conv(stride, padding, dilation, groups).out_hw(*x.shape[2:], *weight.shape[2:])
+    shape = (x.shape[0], weight.shape[0], ho, wo)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(is_channels_last(x)))
+    return (y, *fake_channel_vectors(x, 2))
+
+
+@torch.library.custom_op("fastblocks::batch_norm_relu_conv2d_backward", mutates_args=())
+def _whole_layer_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    training: bool,
+    eps: float,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``(dx, dgamma, dbeta, dweight)`` of ``batch_norm_relu_conv2d`` (empty where
+    not asked, or where gamma/beta is None)."""
+    _check_whole_layer_device(x)
+    conv = make_conv(stride, padding, dilation, groups)
+    need = (output_mask[0], output_mask[1], output_mask[2], output_mask[3])
+    dx, dgamma, dbeta, dweight = _whole_backward(grad_y, x, gamma, beta, mean, var, weight, conv, training, eps, need)
+    if dweight is not None and dweight.stride() != weight.stride():
+        dweight = torch.empty_like(weight).copy_(dweight)  # the weight's own strides, as the fake says
+    return (
+        empty0(x) if dx is None else dx,
+        empty0(x) if dgamma is None else dgamma,
+        empty0(x) if dbeta is None else dbeta,
+        empty0(weight) if dweight is None else dweight,
+    )
+
+
+@_whole_layer_backward_op.register_fake
+def _(grad_y, x, gamma, beta, mean, var, weight, stride, padding, dilation, groups, training, eps, output_mask):
+    def vector(p: torch.Tensor | None, asked: bool) -> torch.Tensor:
+        return torch.empty_like(p, memory_format=torch.contiguous_format) if asked and p is not None else empty0(x)
+
+    return (
+        fake_like(x, is_channels_last(x)) if output_mask[0] else empty0(x),
+        vector(gamma, output_mask[1]),
+        vector(beta, output_mask[2]),
+        torch.empty_like(weight) if output_mask[3] else empty0(weight),
+    )
+
+
+def _whole_setup_context(ctx, inputs, output) -> None:
+    x, gamma, beta, _rm, _rv, weight, stride, padding, dilation, groups, training, eps = inputs
+    _, mean, var = output
+    ctx.conv, ctx.training, ctx.eps = (stride, padding, dilation, groups), training, eps
+    ctx.has_gamma, ctx.has_beta = gamma is not None, beta is not None
+    ctx.save_for_backward(x, gamma, beta, mean, var, weight)
+
+
+def _whole_backward_registered(ctx, grad_y, _grad_mean, _grad_var):
+    x, gamma, beta, mean, var, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1] and ctx.has_gamma, need[2] and ctx.has_beta, need[5]]
+    if not any(mask):
+        return (None,) * 12
+    dx, dgamma, dbeta, dweight = _whole_layer_backward_op(
+        grad_y, x, gamma, beta, mean, var, weight, *ctx.conv, ctx.training, ctx.eps, mask
+    )
+    picked = [t if m else None for t, m in zip((dx, dgamma, dbeta, dweight), mask, strict=True)]
+    return picked[0], picked[1], picked[2], None, None, picked[3], None, None, None, None, None, None
+
+
+_whole_layer_op.register_autograd(_whole_backward_registered, setup_context=_whole_setup_context)
 
 
 def cpu_whole_layer_available(x: torch.Tensor) -> bool:
-    """Whether :func:`bn_relu_conv_with_batch_norm` can run ``x``: a plain eager CPU call with the
-    compiled CPU backend for both the BatchNorm and bn_relu_conv2d and its one-call kernels built."""
+    """Whether :func:`bn_relu_conv_with_batch_norm` can run ``x``: a plain eager or traced
+    (torch.compile) CPU call with the compiled CPU backend for both the BatchNorm and
+    bn_relu_conv2d and its one-call kernels built."""
     return (
         x.numel() > 0
-        and eager_path(x)
+        and (eager_path(x) or torch.compiler.is_compiling())
         and _backend.resolve("bn_relu_conv2d", x.device) == "cpu"
-        and _backend.cpu_kernels("batch_norm_act", x.device, "bn_fused_fwd", "bn_fused_bwd")
+        and _backend.cpu_kernels("batch_norm_act", x.device, "bn_fused_fwd", "bn_fused_bwd", under_compile=True)
     )
 
 
@@ -537,8 +690,9 @@ def bn_relu_conv_with_batch_norm(
     weight: torch.Tensor,
     *,
     training: bool,
-    factor: float,
+    momentum: float | None,
     eps: float,
+    num_batches_tracked: torch.Tensor | None = None,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
@@ -549,8 +703,9 @@ def bn_relu_conv_with_batch_norm(
 
     Args:
         x: ``[N, C_in, H, W]``; gamma, beta: ``[C_in]`` or None; weight ``[C_out, C_in / groups, kh, kw]``.
-        running_mean, running_var: ``[C_in]`` buffers (updated in place with weight ``factor``
-            when ``training``; the normalization's statistics when not), or None.
+        running_mean, running_var: ``[C_in]`` buffers (updated in place once when ``training``,
+            as ``nn.BatchNorm2d`` with ``momentum``/``num_batches_tracked``; the normalization's
+            statistics when not), or None.
         training: normalize with the batch statistics.
 
     Returns:
@@ -558,9 +713,21 @@ def bn_relu_conv_with_batch_norm(
     """
     conv = make_conv(stride, padding, dilation, groups)
     check_conv_inputs(x, None, None, weight, conv, vectors=False)
-    return _BNReLUConvCPUFunction.apply(
-        x, gamma, beta, (running_mean, running_var), training, factor, eps, weight, conv
-    )
+    update = training and running_mean is not None
+    if eager_path(x):
+        factor = momentum_factor(momentum, num_batches_tracked) if update else 0.0
+        return _BNReLUConvCPUFunction.apply(
+            x, gamma, beta, (running_mean, running_var), training, factor, eps, weight, conv
+        )
+    y, mean, var = _whole_layer_op(
+        x, gamma, beta, None if training else running_mean, None if training else running_var, weight,
+        list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, training, eps,
+    )  # fmt: skip
+    if update:
+        update_running_stats(
+            running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum, num_batches_tracked
+        )
+    return y
 
 
 # ----------------------------------------------------------------------------- public functional

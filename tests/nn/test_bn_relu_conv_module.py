@@ -156,3 +156,72 @@ def test_module_builds_the_batch_norm_it_is_given(bn_name):
     x = torch.randn(3, 4, 5, 5)
     eager = nn.Sequential(copy.deepcopy(module.norm), nn.ReLU(), copy.deepcopy(module.conv))
     assert max_abs_err(module(x), eager(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bn_name", list(BN_OPTIONS))
+@pytest.mark.parametrize("cfg_name", ["3x3-s2", "groups2-bias-dil2"])
+def test_compiled_tracks_eager_over_steps_and_eval(cfg_name, bn_name, channels_last, backend):
+    """Traced (fullgraph, AOTAutograd), the layer gives eager's outputs, gradients, running buffers
+    and ``num_batches_tracked`` over training steps and in eval (float64). The compiled CPU
+    backend runs the registered whole layer, the others bn_stats + bn_relu_conv2d."""
+    skip_unless_available("bn_relu_conv2d", backend, "cpu")
+    eager, fused = (m.double() for m in _pair(CONFIGS[cfg_name], BN_OPTIONS[bn_name]))
+    torch._dynamo.reset()
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return bn_relu_conv(x, fused[0], fused[2])
+
+    step = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    with fastblocks.use_backend(backend):
+        for training in (True, True, False):
+            eager.train(training)
+            fused.train(training)
+            x = torch.randn(3, 4, 9, 8, generator=g, dtype=torch.float64) * 2 + 0.5
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yf, ye = step(xf), eager(xe)
+            grad = torch.randn(ye.shape, generator=g, dtype=torch.float64)
+            yf.backward(grad)
+            ye.backward(grad)
+            assert max_abs_err(yf, ye) <= 1e-10 and max_abs_err(xf.grad, xe.grad) <= 1e-10
+            for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+                assert max_abs_err(pf.grad, pe.grad) <= 1e-9, name
+                pe.grad = pf.grad = None
+            for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+                assert torch.equal(bf, be) if be.dtype == torch.long else max_abs_err(bf, be) <= 1e-12, name
+
+
+def test_compiled_cpu_backend_is_one_registered_op_each_way():
+    """Under torch.compile on the compiled CPU backend the layer is ``fastblocks::batch_norm_relu_conv2d``
+    forward and ``batch_norm_relu_conv2d_backward`` (one reduction and one dx pass for the
+    BatchNorm), as a plain eager call is one node; not bn_stats + bn_relu_conv2d, whose backward
+    adds the statistics' own x-sized pass and a dozen per-channel ops."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
+    codes: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list) -> object:
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    layer = BNReLUConv2d(4, 5, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    with fastblocks.use_backend("cpu"), torch.profiler.profile() as prof:
+        torch.compile(layer, backend=backend, fullgraph=True)(x).sum().backward()
+    forward, backward = codes
+    assert "fastblocks.batch_norm_relu_conv2d.default" in forward
+    assert "fastblocks.bn_stats" not in forward and "fastblocks.bn_relu_conv2d.default" not in forward
+    assert "fastblocks.batch_norm_relu_conv2d_backward.default" in backward
+    names = {e.name for e in prof.events()}
+    assert {"fastblocks::bn_fused_fwd", "fastblocks::bn_fused_bwd"} <= names
+    assert int(layer.norm.num_batches_tracked) == 1

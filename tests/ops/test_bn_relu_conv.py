@@ -407,3 +407,66 @@ def test_eager_path_equals_the_registered_op(device, backend, stats):
         results.append((y.detach(), *(t.grad for t in leaves)))
     for a, e in zip(*results):
         assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------- whole layer, CPU
+WHOLE = torch.ops.fastblocks.batch_norm_relu_conv2d.default
+WHOLE_BWD = torch.ops.fastblocks.batch_norm_relu_conv2d_backward.default
+
+
+def _whole_inputs(affine: bool, channels_last: bool, dtype=torch.float32, c_in=4, c_out=3, groups=1):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c_in, 6, 5, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma = (0.5 + torch.rand(c_in, generator=g, dtype=dtype)) if affine else None
+    beta = (0.5 * torch.randn(c_in, generator=g, dtype=dtype)) if affine else None
+    rm, rv = 0.3 * torch.randn(c_in, generator=g, dtype=dtype), 0.5 + torch.rand(c_in, generator=g, dtype=dtype)
+    weight = torch.randn(c_out, c_in // groups, 3, 3, generator=g, dtype=dtype)
+    return x, gamma, beta, rm, rv, weight
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_whole_layer_opcheck(affine, channels_last):
+    """``fastblocks::batch_norm_relu_conv2d`` and its backward (the traced form of the CPU whole
+    layer): schema, fake kernels (shapes, dtypes, strides), autograd registration."""
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
+    x, gamma, beta, rm, rv, weight = _whole_inputs(affine, channels_last)
+    leaves = [t if t is None else t.clone().requires_grad_() for t in (x, gamma, beta)]
+    w = weight.clone().requires_grad_()
+    torch.library.opcheck(WHOLE, (*leaves, None, None, w, [1, 1], [1, 1], [1, 1], 1, True, 1e-5))
+    torch.library.opcheck(WHOLE, (*leaves, rm, rv, w, [2, 2], [1, 1], [1, 1], 1, False, 1e-5))
+    xg, *rest = _whole_inputs(affine, channels_last, c_out=4, groups=2)
+    torch.library.opcheck(WHOLE, (xg, rest[0], rest[1], None, None, rest[4], [1, 1], [2, 2], [2, 2], 2, True, 1e-5))
+    _, mean, var = WHOLE(x, gamma, beta, None, None, weight, [1, 1], [1, 1], [1, 1], 1, True, 1e-5)
+    gy = torch.randn(2, 3, 6, 5)
+    for mask in ([True, True, True, True], [True, False, False, False], [False, affine, affine, True]):
+        torch.library.opcheck(
+            WHOLE_BWD, (gy, x, gamma, beta, mean, var, weight, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, mask)
+        )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_whole_layer_gradcheck_float64(training):
+    """float64 gradcheck of the registered whole layer (every input that takes a gradient); x is
+    built so that no finite difference crosses the ReLU's kink."""
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
+    x, gamma, beta, rm, rv, weight = _whole_inputs(True, False, torch.float64)
+    # z = BN(x) away from 0 so that no finite difference flips the ReLU (eval: known statistics).
+    if not training:
+        z = torch.randn_like(x)
+        z = torch.sign(z) * (0.3 + z.abs())
+        x = (z - beta.view(1, -1, 1, 1)) / gamma.view(1, -1, 1, 1) * (rv + 1e-5).sqrt().view(1, -1, 1, 1)
+        x = x + rm.view(1, -1, 1, 1)
+    inputs = tuple(t.requires_grad_() for t in (x, gamma, beta, weight))
+
+    def f(x, gamma, beta, weight):
+        stats = (None, None) if training else (rm, rv)
+        return WHOLE(x, gamma, beta, *stats, weight, [1, 1], [1, 1], [1, 1], 1, training, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, inputs)
