@@ -92,6 +92,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastblocks import _backend
 from fastblocks.models._fusion import Fusable, set_fused
 from fastblocks.models._resnet_blocks import (
     BLOCK_VARIANTS,
@@ -430,6 +431,8 @@ class ResNet(_ResNetBase):
             if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes
                 x = self._bn_relu(self.bn1, x)  # folded: inside conv1
             x = self.maxpool(x)
+        if self.fused:
+            x = _backend.body_layout("resnet", x)  # channels_last on the CPU: oneDNN's faster convolutions
 
         x = self.layer1(x)
         x = self.layer2(x)

@@ -437,3 +437,20 @@ def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
     for name, buf in lean.state_dict().items():
         for m in (fast, default):
             torch.testing.assert_close(buf, m.state_dict()[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_fused_body_runs_channels_last_on_the_cpu(fused: bool) -> None:
+    """On the CPU a fused ResNet fed NCHW runs its body (layer1..layer4) channels_last, where
+    oneDNN's convolutions are faster (``fastblocks._backend.body_layout``); the eager twin runs
+    the input's format. The input's gradient keeps the input's format either way."""
+    torch.manual_seed(0)
+    model = R.resnet18(fused=fused)
+    seen: list[bool] = []
+    model.layer1.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [fused]
+    assert x.grad.is_contiguous()
