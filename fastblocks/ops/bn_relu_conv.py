@@ -562,10 +562,12 @@ class _BNReLUConvCPUFunction(torch.autograd.Function):
 
 
 def _check_whole_layer_device(x: torch.Tensor) -> None:
-    if x.device.type != "cpu" or not _backend.cpu_kernels_built("bn_fused_fwd", "bn_fused_bwd"):
+    if x.device.type != "cpu":
+        raise ValueError(f"fastblocks::batch_norm_relu_conv2d runs on the CPU; x is on {x.device}")
+    if not _backend.cpu_kernels_built("bn_fused_fwd", "bn_fused_bwd"):
         raise RuntimeError(
-            "fastblocks::batch_norm_relu_conv2d runs on the CPU with the compiled extension's "
-            f"bn_fused_fwd/bn_fused_bwd kernels; x is on {x.device}"
+            "fastblocks::batch_norm_relu_conv2d needs the compiled extension's bn_fused_fwd/bn_fused_bwd "
+            "CPU kernels, which this build lacks (rebuild: pip install --no-build-isolation -e .)"
         )
 
 
