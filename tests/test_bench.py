@@ -29,9 +29,9 @@ from fastblocks.bench.env import (
     slugify,
 )
 from fastblocks.bench.memory import saved_bytes
-from fastblocks.bench.report import BEGIN, END, model_table, op_table, readme_section, speedups
+from fastblocks.bench.report import BEGIN, END, model_table, op_table, readme_section, speedup_intervals, speedups
 from fastblocks.bench.results import load_results, write_results
-from fastblocks.bench.timing import measure, measure_interleaved, summarize
+from fastblocks.bench.timing import measure, measure_interleaved, paired_ratio, summarize
 from fastblocks.nn import BatchNormReLU2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +118,50 @@ def test_summarize_median_and_iqr():
     assert summarize([7.0]) == (7.0, 0.0)
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_paired_ratio_is_the_sign_test_interval_of_the_median_ratio():
+    # n = 20: the sign test's 95% interval for a median is (r_(6), r_(15)) (coverage 95.9%).
+    assert paired_ratio([float(i) for i in range(1, 21)], [1.0] * 20) == (10.5, 6.0, 15.0)
+    assert paired_ratio([2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [1.0] * 6) == (7.0, 2.0, 12.0)  # n = 6: min, max
+    assert paired_ratio([2.0] * 5, [1.0] * 5) == (2.0, None, None)  # n = 5: no 95% interval exists
+    for bad in (([1.0], [1.0, 2.0]), ([], []), ([1.0], [0.0])):
+        with pytest.raises(ValueError):
+            paired_ratio(*bad)
+    with pytest.raises(ValueError, match="confidence"):
+        paired_ratio([1.0], [1.0], confidence=1.0)
+
+
+def test_paired_ratio_interval_covers_the_true_median_at_least_95_percent():
+    import random
+
+    rng = random.Random(0)
+    for n in (7, 15, 20):
+        trials, hits = 2000, 0
+        for _ in range(trials):
+            base = [rng.lognormvariate(0.0, 0.3) for _ in range(n)]
+            _, low, high = paired_ratio(base, [1.0] * n)  # true median ratio: exp(0) = 1
+            hits += low <= 1.0 <= high
+        assert hits / trials >= 0.93, (n, hits / trials)  # >= 95% up to sampling error (sd ~0.5%)
+
+
+def test_speedups_of_interleaved_rows_are_paired_by_round():
+    drift = [10.0, 31.0, 12.0, 29.0, 11.0, 33.0, 30.0, 13.0]  # a machine whose speed wanders 3x
+    run = {"timer": "perf_counter_interleaved", "run": "r1"}
+
+    def row(provider, samples, **extra):
+        r = _row(f"resnet50/train/{provider}/8x3x224x224/float32/nchw", sorted(samples)[len(samples) // 2], **extra)
+        return {**r, "kind": "model", "provider": provider, "samples_ms": samples}
+
+    eager = row("eager", drift, **run)
+    fused = row("fused", [d / 1.25 for d in drift], **run)  # 1.25x faster in every round
+    ((value, low, high),) = [v for c, v in speedup_intervals([eager, fused]).items() if "/fused/" in c]
+    assert value == pytest.approx(1.25) and low == pytest.approx(1.25) and high == pytest.approx(1.25)
+    unpaired = row("fused", [d / 1.25 for d in drift], timer="perf_counter", run="r1")
+    assert speedup_intervals([eager, unpaired])[unpaired["case"]][1:] == (None, None)
+    other_run = row("fused", [d / 1.25 for d in drift], timer="perf_counter_interleaved", run="r2")
+    assert speedup_intervals([eager, other_run])[other_run["case"]][1:] == (None, None)
+    assert speedups([eager, fused], baseline="fused")[eager["case"]] == pytest.approx(0.8)
 
 
 # ----------------------------------------------------------------------------- environment
@@ -300,6 +344,20 @@ def test_cli_bench_modes(tmp_path, monkeypatch):
     rows = load_results(tmp_path / "models.json")["rows"]
     assert {(r["provider"], r["mode"]) for r in rows} == {("eager", "infer"), ("folded", "infer")}
     assert cli.main([*base, "--modes", "eval"]) == 2
+
+
+def test_cli_bench_reps_and_baseline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(model_bench, "load_models", lambda: (types.SimpleNamespace(resnet18=tiny_net), None))
+    base = ["bench", "--models", "resnet18", "--tiny", "--no-progress", "--no-charts", "--output", str(tmp_path)]
+    assert cli.main([*base, "--modes", "train", "--providers", "eager,fused", "--reps", "7", "--baseline", "fused"]) == 0
+    out = capsys.readouterr().out
+    rows = load_results(tmp_path / "models.json")["rows"]
+    assert [len(r["samples_ms"]) for r in rows] == [7, 7]
+    assert "| vs fused |" in out and "1.00x |" in out  # the baseline's own row: no interval
+    assert "x [" in out  # the other row: a paired interval (7 rounds are enough for one)
+    assert cli.main([*base, "--baseline", "torchscript"]) == 2
+    assert cli.main([*base, "--reps", "0"]) == 2
+    assert "--baseline must be one of" in capsys.readouterr().err
 
 
 def test_load_models_reports_missing_builders(monkeypatch):

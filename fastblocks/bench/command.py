@@ -10,6 +10,7 @@ them; a user's run never rewrites them.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="model-level modes, comma-separated subset of train,infer (default: both)",
     )
+    p.add_argument(
+        "--baseline",
+        default="eager",
+        help="the provider the tables' speed-up column compares with (default eager; the README's tables "
+        "always use eager)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="exactly this many timed samples per provider (rounds, on the CPU) instead of the time-bounded "
+        "default; more rounds narrow the speed-up intervals",
+    )
     p.add_argument("--output", default=None, help="results folder (default: a new runs/bench/<timestamp>/)")
     p.add_argument(
         "--record",
@@ -115,6 +129,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "PyTorch, judged by float64) on this device; stop with exit status 1 if it fails",
     )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, one repetition
+
+
+def _with_reps(timing: dict, reps: int | None) -> dict:
+    """``timing`` (keyword arguments of ``measure_interleaved``) set to exactly ``reps`` samples."""
+    if reps is None:
+        return timing
+    return {**timing, "min_reps": reps, "max_reps": reps, "min_time_s": 0.0, "max_time_s": math.inf}
 
 
 def _timing(device_type: str, quick: bool, tiny: bool) -> dict:
@@ -239,6 +260,13 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         print(f"fastblocks bench: unknown provider(s) {', '.join(unknown)}; "
               f"choose from {', '.join(model_bench.PROVIDERS)}", file=sys.stderr)  # fmt: skip
         return 2
+    if args.baseline not in model_bench.PROVIDERS:
+        print(f"fastblocks bench: --baseline must be one of {', '.join(model_bench.PROVIDERS)}, got {args.baseline!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.reps is not None and args.reps < 1:
+        print(f"fastblocks bench: --reps must be >= 1, got {args.reps}", file=sys.stderr)
+        return 2
     model_modes = tuple(args.modes or model_bench.MODES)
     if any(m not in model_bench.MODES for m in model_modes):
         print(f"fastblocks bench: --modes must be a subset of {','.join(model_bench.MODES)}, got {args.modes}",
@@ -300,7 +328,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                     image_size=args.image_size or (32 if args.tiny else base.image_size),
                     dtype=dtype or base.dtype,
                     channels_last=base.channels_last if args.channels_last is None else bool(args.channels_last),
-                    timing=_timing(device.type, True, True) if args.tiny else base.timing,
+                    timing=_with_reps(_timing(device.type, True, True) if args.tiny else base.timing, args.reps),
                 )
                 model_units.append((name, builder, cfg))
     model_cases = sum(len(model_bench.provider_modes(p, model_modes)) for p in providers)
@@ -309,7 +337,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
     # ------------------------------------------------------------------ measure
     op_rows: list[dict] = []
-    timing = _timing(device.type, args.quick, args.tiny)
+    timing = _with_reps(_timing(device.type, args.quick, args.tiny), args.reps)
     # The providers of one case are timed together, samples in alternation (measure_interleaved).
     by_case: dict[op_bench.OpCase, list[tuple[str, tuple[str, ...]]]] = {}
     for case, prov, modes in op_units:
@@ -365,7 +393,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         except ImportError as exc:
             notes.append(f"charts skipped: {exc}")
     print()
-    print(report.tables(op_rows + model_rows))
+    print(report.tables(op_rows + model_rows, args.baseline))
     print()
     for n in notes:
         print(f"note: {n}")

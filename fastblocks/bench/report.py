@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastblocks.bench.env import summary_line
 from fastblocks.bench.results import iter_result_files, load_results, one_run_per_comparison
+from fastblocks.bench.timing import paired_ratio
 
 _PROVIDER_ORDER = ("eager", "compile", "checkpoint", "fused", "fused-compile", "folded")
 _MODE_ORDER = ("fwd", "bwd", "full", "train", "infer")
@@ -42,16 +43,42 @@ def baseline_case(row: dict, provider: str = "eager") -> str:
     return "/".join(parts)
 
 
-def speedups(rows: Iterable[dict]) -> dict[str, float]:
-    """``case -> eager median / median`` for every row whose eager twin is among ``rows``."""
+def _paired(row: dict, base: dict) -> bool:
+    """Whether ``row`` and ``base`` were sampled round by round together (one interleaved run)."""
+    s, b = row.get("samples_ms") or [], base.get("samples_ms") or []
+    interleaved = row.get("timer") == base.get("timer") == "perf_counter_interleaved"
+    return interleaved and len(s) == len(b) > 0 and row.get("run") == base.get("run")
+
+
+def speedup(row: dict, base: dict) -> tuple[float, float | None, float | None]:
+    """``base``'s time over ``row``'s: ``(value, low, high)``.
+
+    Rows sampled together (:func:`_paired`) give the median of the per-round ratios and its 95%
+    interval (:func:`fastblocks.bench.timing.paired_ratio`); others the ratio of their medians and
+    no interval."""
+    if _paired(row, base):
+        return paired_ratio(base["samples_ms"], row["samples_ms"])
+    return base["median_ms"] / row["median_ms"], None, None
+
+
+def speedup_intervals(
+    rows: Iterable[dict], baseline: str = "eager"
+) -> dict[str, tuple[float, float | None, float | None]]:
+    """``case -> speedup(row, its baseline twin)`` for every row whose twin under ``baseline``
+    (a provider) is among ``rows``."""
     rows = list(rows)
     by_case = {(r["device"], r["case"]): r for r in rows if "device" in r} or {(None, r["case"]): r for r in rows}
     out = {}
     for r in rows:
-        base = by_case.get((r.get("device"), baseline_case(r)))
-        if base and r.get("median_ms"):
-            out[r["case"]] = base["median_ms"] / r["median_ms"]
+        base = by_case.get((r.get("device"), baseline_case(r, baseline)))
+        if base and r.get("median_ms") and base.get("median_ms"):
+            out[r["case"]] = speedup(r, base)
     return out
+
+
+def speedups(rows: Iterable[dict], baseline: str = "eager") -> dict[str, float]:
+    """``case -> speed-up over the baseline twin`` (the value of :func:`speedup_intervals`)."""
+    return {case: v[0] for case, v in speedup_intervals(rows, baseline).items()}
 
 
 def _f(value: float | None, fmt: str = ".3g") -> str:
@@ -100,23 +127,27 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _speedup(sp: dict[str, float], case: str) -> str:
-    return f"{sp[case]:.2f}x" if case in sp else ""
+def _speedup(sp: dict[str, tuple[float, float | None, float | None]], r: dict, baseline: str) -> str:
+    if r["case"] not in sp:
+        return ""
+    value, low, high = sp[r["case"]]
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and r["provider"] != baseline else ""
+    return f"{value:.2f}x{interval}"
 
 
-def op_table(rows: Iterable[dict]) -> str:
-    """Markdown table of op-level rows (time is median ± IQR per call)."""
+def op_table(rows: Iterable[dict], baseline: str = "eager") -> str:
+    """Markdown table of op-level rows (time is median ± IQR per call; speed-up over ``baseline``)."""
     rows = sort_rows(r for r in rows if r.get("kind") == "op")
     if not rows:
         return ""
-    sp = speedups(rows)
+    sp = speedup_intervals(rows, baseline)
     header = ["op", "shape", "dtype", "layout", "mode", "provider", "backend", "ms (median ± IQR)", "GB/s",
-              "% copy BW", "vs eager", "saved for bwd MB", "peak MB", "compile s"]  # fmt: skip
+              "% copy BW", f"vs {baseline}", "saved for bwd MB", "peak MB", "compile s"]  # fmt: skip
     body = [
         [
             r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], r["mode"], r["provider"],
             r.get("backend") or "", _ms(r), _f(r.get("gbps"), ".2f"), _pct_copy(r.get("pct_copy")),
-            _speedup(sp, r["case"]), _mb(r.get("saved_bytes")), _mb(r.get("peak_bytes")),
+            _speedup(sp, r, baseline), _mb(r.get("saved_bytes")), _mb(r.get("peak_bytes")),
             _f(r.get("compile_s"), ".1f"),
         ]
         for r in rows
@@ -124,19 +155,20 @@ def op_table(rows: Iterable[dict]) -> str:
     return markdown_table(header, body)
 
 
-def model_table(rows: Iterable[dict]) -> str:
-    """Markdown table of model-level rows (train = forward + backward + SGD step)."""
+def model_table(rows: Iterable[dict], baseline: str = "eager") -> str:
+    """Markdown table of model-level rows (train = forward + backward + SGD step; speed-up over
+    ``baseline``)."""
     rows = sort_rows(r for r in rows if r.get("kind") == "model")
     if not rows:
         return ""
-    sp = speedups(rows)
+    sp = speedup_intervals(rows, baseline)
     header = ["model", "batch x res", "dtype", "layout", "mode", "provider", "ms (median ± IQR)", "images/s",
-              "vs eager", "TFLOP/s", "% matmul", "saved for bwd MB", "peak MB", "compile s"]  # fmt: skip
+              f"vs {baseline}", "TFLOP/s", "% matmul", "saved for bwd MB", "peak MB", "compile s"]  # fmt: skip
     body = [
         [
             r["name"], f"{r['batch_size']} x {r['image_size']}", r["dtype"] + (" autocast" if r.get("autocast") else ""),
             r["layout"], r["mode"], r["provider"], _ms(r), _f(r.get("images_per_s"), ".3g"),
-            _speedup(sp, r["case"]), _f(r.get("tflops"), ".3g"), _f(r.get("pct_matmul"), ".0f"),
+            _speedup(sp, r, baseline), _f(r.get("tflops"), ".3g"), _f(r.get("pct_matmul"), ".0f"),
             _mb(r.get("saved_bytes")) if r["mode"] == "train" else "", _mb(r.get("peak_bytes")),
             _f(r.get("compile_s"), ".1f"),
         ]
@@ -145,10 +177,11 @@ def model_table(rows: Iterable[dict]) -> str:
     return markdown_table(header, body)
 
 
-def tables(rows: Iterable[dict]) -> str:
-    """The op table and the model table of ``rows`` (whichever have rows), with a legend."""
+def tables(rows: Iterable[dict], baseline: str = "eager") -> str:
+    """The op table and the model table of ``rows`` (whichever have rows), with a legend;
+    speed-ups are over ``baseline`` (a provider)."""
     rows = list(rows)
-    parts = [t for t in (op_table(rows), model_table(rows)) if t]
+    parts = [t for t in (op_table(rows, baseline), model_table(rows, baseline)) if t]
     if not parts:
         return "(no results)"
     return "\n\n".join(parts) + "\n\n" + LEGEND
@@ -160,6 +193,9 @@ LEGEND = (
     "`copy_` bandwidth. TFLOP/s: eager model FLOPs (torch.utils.flop_counter) per second; % matmul: of "
     "the measured matmul rate. saved for bwd: bytes autograd keeps between forward and backward "
     "(models: parameters excluded). peak: torch.cuda.max_memory_allocated during one call (CUDA only). "
+    "vs: the baseline's time over the row's; for providers timed in alternation (CPU), the median over "
+    "rounds of the per-round ratio and, in brackets, its 95% interval (sign test); an interval that "
+    "contains 1 is no measured difference. "
     "~: not a stable figure (at most 3 samples, or an inter-quartile range above the median). "
     "†: above the copy bandwidth: the case fits in the caches, which the yardstick (a copy larger than "
     "the caches) does not measure."

@@ -9,6 +9,11 @@ of medians taken minutes apart, one provider after the other, would carry those 
 CUDA: a pair of CUDA events around each sample, all read after one synchronization at the end,
 so the host never waits between samples; optionally the L2 cache is flushed before each sample
 (as ``triton.testing.do_bench`` does) so a tensor that fits in L2 is not timed from cache.
+
+Comparing two interleaved callables: :func:`paired_ratio` takes the ratio of their samples round by
+round (a drift that slows one round slows both of its samples) and gives the median of those
+ratios with a distribution-free confidence interval, so a difference smaller than the machine's
+noise reads as an interval that straddles 1 rather than as two medians in some order.
 """
 
 from __future__ import annotations
@@ -70,6 +75,45 @@ def summarize(samples_ms: list[float]) -> tuple[float, float]:
         return samples_ms[0], 0.0
     q1, _, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")
     return statistics.median(samples_ms), q3 - q1
+
+
+def paired_ratio(
+    base_ms: list[float], ms: list[float], confidence: float = 0.95
+) -> tuple[float, float | None, float | None]:
+    """``base / ms`` round by round: the median ratio and a confidence interval for it.
+
+    The samples must be paired (sample ``i`` of both taken in round ``i`` of one
+    :func:`measure_interleaved` call). The interval is the sign test's, distribution-free: the
+    order statistics ``r_(j)``, ``r_(n+1-j)`` of the ``n`` ratios, ``j`` the largest with
+    ``2 P(Binomial(n, 1/2) < j) <= 1 - confidence`` (its coverage is at least ``confidence``).
+
+    Args:
+        base_ms, ms: per-round samples, equal lengths, all positive.
+        confidence: the interval's coverage, in ``(0, 1)``.
+
+    Returns:
+        ``(median, low, high)``; ``low`` and ``high`` are ``None`` when ``n`` is too small for
+        that coverage (``n < 6`` at 0.95).
+    """
+    if len(base_ms) != len(ms) or not ms:
+        raise ValueError(
+            f"paired_ratio needs two equally long, non-empty sample lists, got {len(base_ms)} and {len(ms)}"
+        )
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if min(ms) <= 0 or min(base_ms) <= 0:
+        raise ValueError("paired_ratio needs positive samples")
+    ratios = sorted(b / m for b, m in zip(base_ms, ms))
+    n = len(ratios)
+    alpha, j, below = 1.0 - confidence, 0, 0.0  # below: P(K < j), K ~ Binomial(n, 1/2)
+    while j < n:
+        nxt = below + math.comb(n, j) / 2.0**n
+        if 2.0 * nxt > alpha:
+            break
+        below, j = nxt, j + 1
+    if j == 0:
+        return statistics.median(ratios), None, None
+    return statistics.median(ratios), ratios[j - 1], ratios[n - j]
 
 
 def _done(n: int, elapsed: float, min_reps: int, max_reps: int, min_time_s: float, max_time_s: float) -> bool:
