@@ -349,7 +349,9 @@ def test_cli_bench_modes(tmp_path, monkeypatch):
 def test_cli_bench_reps_and_baseline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model_bench, "load_models", lambda: (types.SimpleNamespace(resnet18=tiny_net), None))
     base = ["bench", "--models", "resnet18", "--tiny", "--no-progress", "--no-charts", "--output", str(tmp_path)]
-    assert cli.main([*base, "--modes", "train", "--providers", "eager,fused", "--reps", "7", "--baseline", "fused"]) == 0
+    assert (
+        cli.main([*base, "--modes", "train", "--providers", "eager,fused", "--reps", "7", "--baseline", "fused"]) == 0
+    )
     out = capsys.readouterr().out
     rows = load_results(tmp_path / "models.json")["rows"]
     assert [len(r["samples_ms"]) for r in rows] == [7, 7]
