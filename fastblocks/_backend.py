@@ -299,8 +299,12 @@ def cpu_kernels(op: str, device: torch.device, *names: str, under_compile: bool 
 
 # Memory formats a fused network's body runs in, per device type, where that is not the input's.
 # On the CPU a fused ResNet trains faster channels_last (oneDNN's NHWC convolutions; the format
-# Inductor's layout optimization also picks for a compiled NCHW network); a fused DenseNet trains
-# slower channels_last and keeps its input's format. Compare the layouts with
+# Inductor's layout optimization also picks for a compiled NCHW network). A fused DenseNet keeps
+# its input's format: channels_last it trains about as fast as NCHW, but oneDNN's channels_last
+# convolutions round differently from its NCHW ones, and with an NCHW input run channels_last
+# DenseNet-BC-100's norm2.bias gradients came out at up to 14x the eager (NCHW) twin's float64
+# error, over the accuracy rule's bound (tests/accuracy/test_models.py, densenet_bc_100_12 nchw).
+# Compare the layouts with
 # ``fastblocks bench --models resnet50,densenet121 --providers fused --modes train [--channels-last]``.
 _BODY_CHANNELS_LAST: dict[str, frozenset[str]] = {"resnet": frozenset({"cpu"})}
 

@@ -126,13 +126,15 @@ at::Tensor bn_bwd_apply_cpu(const at::Tensor& grad_y, const at::Tensor& x, const
   return dx;
 }
 
-// Whether t (x-sized) is laid out as the kernels read x: NCHW with x's image stride g.xsn (a
-// channel prefix of a wider tensor, see x_operand), or dense in the chosen layout.
+// Whether t (x-sized) is laid out as the kernels read x: NCHW with x's image stride g.xsn or
+// channels_last with x's row stride g.xsr (a channel prefix of a wider tensor, see x_operand),
+// or dense in the chosen layout.
 bool reads_like_x(const at::Tensor& t, const Geometry& g, bool channels_last) {
   if (!g.rows && t.dim() == 4 && g.xsn != g.C * g.HW) {
     return t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == g.HW && t.stride(0) == g.xsn;
   }
-  return g.xsn == g.C * g.HW && t.is_contiguous(format_of(channels_last));
+  if (g.rows && g.xsr != g.C) return row_stride(t) == g.xsr;
+  return g.x_dense() && t.is_contiguous(format_of(channels_last));
 }
 
 // bn_bwd_reduce's sums and, in the same pass, acc += scale * g' (the dense block's norm1 backward
@@ -157,9 +159,10 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_add_cpu(at::Tensor& acc, const 
   at::Tensor ac = acc;
   if (!reads_like_x(acc, g, channels_last)) {
     // acc is read and written at x's offsets: make both dense (acc is copied back below).
-    if (g.xsn != g.C * g.HW) {
+    if (!g.x_dense()) {
       xc = x.contiguous(fmt);
       g.xsn = g.C * g.HW;
+      g.xsr = g.C;
     }
     ac = acc.contiguous(fmt);
   }

@@ -87,7 +87,7 @@ MeanM2<Io> runs_mean_m2(const typename Io::scalar_t* p, int64_t stride, int64_t 
 // L2-resident block. (Accumulating into per-channel arrays row after row instead costs a load
 // and a store of each accumulator per element read.)
 template <typename Io, bool kFull>
-void rows_group_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t b0, int64_t b1, int64_t c0, int cw,
+void rows_group_mean_m2(const typename Io::scalar_t* x, int64_t ldx, int64_t b0, int64_t b1, int64_t c0, int cw,
                         typename Io::acc_t* mb, typename Io::acc_t* qb, typename Io::acc_t* db) {
   using AVec = typename Io::AVec;
   using acc_t = typename Io::acc_t;
@@ -100,7 +100,7 @@ void rows_group_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t b0, i
     for (int j = 0; j < V; ++j) acc[g][j] = zero;
   }
   for (int64_t row = b0; row < b1; ++row) {
-    const auto* xr = x + row * C + c0;
+    const auto* xr = x + row * ldx + c0;
     for (int g = 0; g < G; ++g) {
       if (!kFull && m[g] == 0) break;
       Io::load(xr + g * S, v, m[g]);
@@ -116,7 +116,7 @@ void rows_group_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t b0, i
     }
   }
   for (int64_t row = b0; row < b1; ++row) {
-    const auto* xr = x + row * C + c0;
+    const auto* xr = x + row * ldx + c0;
     for (int g = 0; g < G; ++g) {
       if (!kFull && m[g] == 0) break;
       Io::load(xr + g * S, v, m[g]);  // lanes past m: zero, their sums are never stored
@@ -137,9 +137,10 @@ void rows_group_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t b0, i
   }
 }
 
+// x: rows ldx elements apart (ldx >= C: a channel prefix of a wider channels_last tensor).
 template <typename Io>
-void rows_run_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* mean_out,
-                      double* m2_out) {
+void rows_run_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t ldx, int64_t r0, int64_t r1,
+                      double* mean_out, double* m2_out) {
   using acc_t = typename Io::acc_t;
   constexpr int W = kStatSteps<Io> * Io::kStep;  // channels per group
   const int64_t B = std::clamp<int64_t>(kRowBlock / std::max<int64_t>(C, 1), 8, 256);
@@ -153,9 +154,9 @@ void rows_run_mean_m2(const typename Io::scalar_t* x, int64_t C, int64_t r0, int
     for (int64_t c0 = 0; c0 < C; c0 += W) {
       const int cw = static_cast<int>(std::min<int64_t>(W, C - c0));
       if (cw == W) {
-        rows_group_mean_m2<Io, true>(x, C, b0, b1, c0, cw, mb, qb, db);
+        rows_group_mean_m2<Io, true>(x, ldx, b0, b1, c0, cw, mb, qb, db);
       } else {
-        rows_group_mean_m2<Io, false>(x, C, b0, b1, c0, cw, mb, qb, db);
+        rows_group_mean_m2<Io, false>(x, ldx, b0, b1, c0, cw, mb, qb, db);
       }
       for (int i = 0; i < cw; ++i) {
         const double dc = db[i];
@@ -181,7 +182,7 @@ void stats_kernel(const Geometry& g, const scalar_t* x, at::opmath_type<scalar_t
   at::parallel_for(0, t.tiles(), t.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       if (g.rows) {
-        rows_run_mean_m2<Io>(x, g.C, t.run_begin(tile), t.run_begin(tile + 1), pmean.data() + tile * g.C,
+        rows_run_mean_m2<Io>(x, g.C, g.xsr, t.run_begin(tile), t.run_begin(tile + 1), pmean.data() + tile * g.C,
                              pm2.data() + tile * g.C);
       } else {
         const PlaneTile pt = plane_tile(t, tile);
@@ -286,9 +287,10 @@ void runs_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scalar_t*
 
 // Σ g' and Σ g' (x - mean) per channel over rows [r0, r1) of [M][C] tensors: fp32 (fp64) sums of
 // kSumRows rows at a time in small per-channel arrays, added into the run's sums in double.
+// x (and acc, laid out as x) has rows ldx elements apart; gy and r are dense.
 template <typename Io, bool kRelu, bool kRes, bool kAcc = false>
 void rows_run_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scalar_t* x,
-                       const typename Io::scalar_t* r, int64_t C, int64_t r0, int64_t r1,
+                       const typename Io::scalar_t* r, int64_t C, int64_t ldx, int64_t r0, int64_t r1,
                        const typename Io::acc_t* mean, const typename Io::acc_t* scale,
                        const typename Io::acc_t* shift, double* sg_out, double* sgx_out,
                        typename Io::scalar_t* acc = nullptr) {
@@ -307,8 +309,8 @@ void rows_run_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scala
     for (int64_t row = b0; row < b1; ++row) {
       for_each_channel_step<Io>(C, [=](int64_t c, int m) {
         AVec xv[V], gv[V], mu[V], sv[V], bv[V], a[V], b[V];
-        const int64_t off = row * C + c;
-        Io::load(x + off, xv, m);
+        const int64_t off = row * C + c, xoff = row * ldx + c;
+        Io::load(x + xoff, xv, m);
         load_channels<Io>(scale + c, m, sv);
         load_channels<Io>(shift + c, m, bv);
         masked_grad<Io, kRelu, kRes>(gy, xv, sv, bv, r, off, m, gv);
@@ -322,9 +324,9 @@ void rows_run_bwd_sums(const typename Io::scalar_t* gy, const typename Io::scala
         store_channels<Io>(bg + c, m, a);
         store_channels<Io>(bgx + c, m, b);
         if constexpr (kAcc) {
-          Io::load(acc + off, a, m);
+          Io::load(acc + xoff, a, m);
           for (int j = 0; j < V; ++j) a[j] = a[j] + sv[j] * gv[j];
-          Io::store(acc + off, a, m);
+          Io::store(acc + xoff, a, m);
         }
       });
     }
@@ -348,7 +350,7 @@ void bwd_reduce_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x,
   at::parallel_for(0, t.tiles(), t.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       if (g.rows) {
-        rows_run_bwd_sums<Io, kRelu, kRes, kAcc>(gy, x, r, g.C, t.run_begin(tile), t.run_begin(tile + 1), mean,
+        rows_run_bwd_sums<Io, kRelu, kRes, kAcc>(gy, x, r, g.C, g.xsr, t.run_begin(tile), t.run_begin(tile + 1), mean,
                                                  scale, shift, pg.data() + tile * g.C, pgx.data() + tile * g.C, acc);
       } else {
         const PlaneTile pt = plane_tile(t, tile);

@@ -197,7 +197,12 @@ struct Geometry {
   // buffer), which the kernels read in place instead of copying. Every other x-sized tensor is
   // dense. Rows mode: x is dense.
   int64_t xsn = 0;
+  // Rows mode: the stride between rows of x, C when x is dense; larger for a channel prefix
+  // x[:, :C] of a wider channels_last tensor (rows [N*H*W][C_total]), read in place likewise.
+  // Every other x-sized tensor is dense (or, where a kernel says so, laid out as x).
+  int64_t xsr = 0;
   int64_t M() const { return N * HW; }
+  bool x_dense() const { return rows ? xsr == C : xsn == C * HW; }
   // x's offset of the dense offset off (planes mode; off in plane `plane` = n * C + c).
   int64_t x_delta(int64_t plane) const { return (plane / C) * (xsn - C * HW); }
 };
@@ -205,19 +210,40 @@ struct Geometry {
 inline Geometry geometry_of(const at::Tensor& x, bool channels_last) {
   int64_t hw = 1;
   for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
-  return {x.size(0), x.size(1), hw, channels_last || hw == 1, x.size(1) * hw};
+  return {x.size(0), x.size(1), hw, channels_last || hw == 1, x.size(1) * hw, x.size(1)};
+}
+
+// The spacing of x's rows when x reads as rows [N*H*W][C] with channels innermost and evenly
+// spaced rows (a channels_last tensor, or a channel slice of one; NCHW with H = W = 1), else 0.
+inline int64_t row_stride(const at::Tensor& x) {
+  if (x.dim() != 4 || (x.size(1) > 1 && x.stride(1) != 1)) return 0;
+  const int64_t H = x.size(2), W = x.size(3);
+  const int64_t ld = W > 1 ? x.stride(3) : H > 1 ? x.stride(2) : x.stride(0) / std::max<int64_t>(1, H * W);
+  if ((W > 1 && x.stride(3) != ld) || (H > 1 && x.stride(2) != W * ld) || (x.size(0) > 1 && x.stride(0) != H * W * ld)) {
+    return 0;
+  }
+  return ld;
 }
 
 
-// x as the kernels read it: itself when it is a channel prefix of a wider NCHW tensor (planes
-// mode; g.xsn set to its image stride), else dense in the chosen layout (a copy if it is not).
+// x as the kernels read it: itself when it is a channel prefix of a wider tensor (planes mode:
+// NCHW, g.xsn set to its image stride; rows mode: channels_last, g.xsr set to its row stride),
+// else dense in the chosen layout (a copy if it is not).
 inline at::Tensor x_operand(const at::Tensor& x, bool channels_last, Geometry& g) {
+  g.xsn = g.C * g.HW;
+  g.xsr = g.C;
   if (!g.rows && x.dim() == 4 && x.size(0) > 1 && x.stride(3) == 1 && x.stride(2) == x.size(3) &&
       x.stride(1) == g.HW && x.stride(0) > g.C * g.HW) {
     g.xsn = x.stride(0);
     return x;
   }
-  g.xsn = g.C * g.HW;
+  if (g.rows && g.M() > 1) {
+    const int64_t ld = row_stride(x);
+    if (ld > g.C) {
+      g.xsr = ld;
+      return x;
+    }
+  }
   return x.contiguous(format_of(channels_last));
 }
 
@@ -269,13 +295,13 @@ void for_each_step(const Geometry& g, const std::array<const typename Io::acc_t*
     at::parallel_for(0, g.M(), grain, [&](int64_t r0, int64_t r1) {
       const Op fn = op;
       const std::array<const typename Io::acc_t*, kP> prm = params;
-      const int64_t C = g.C;
+      const int64_t C = g.C, ldx = g.xsr;
       AVec p[kP][Io::kVecs];
       for (int64_t r = r0; r < r1; ++r) {
         // Full steps with a constant width (the compiler folds the partial-vector paths away).
         for_each_channel_step<Io>(C, [&](int64_t c, int n) {
           for (size_t k = 0; k < kP; ++k) load_channels<Io>(prm[k] + c, n, p[k]);
-          fn(r * C + c, r * C + c, n, p);
+          fn(r * C + c, r * ldx + c, n, p);
         });
       }
     });

@@ -32,7 +32,7 @@ void fold_chunk(at::Tensor& g, const at::Tensor& buf, const at::Tensor& mean, co
   Geometry geo = geometry_of(xs, channels_last);
   const at::Tensor xc = x_operand(xs, channels_last, geo);
   if (xc.is_same(xs) && reads_like_x(gs, geo, channels_last)) {
-    // Both NCHW channel slices with the buffer's image stride: updated in place.
+    // Both channel slices laid out as the buffer (NCHW image stride, channels_last row stride): in place.
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "dense_fold_cpu", [&] {
       using Io = typename IoOf<scalar_t>::type;
       using AVec = typename Io::AVec;

@@ -468,30 +468,35 @@ def test_stem_pool_opcheck_and_bad_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_channel_prefix_views_are_read_in_place(dtype):
-    """A channel prefix buf[:, :C] of a wider NCHW tensor (a dense block's buffer) is read through
-    its image stride, not copied: every kernel gives the bits it gives on a dense copy."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 11, 5, 7), (2, 40, 1, 1)], ids=str)  # 1x1: NCHW reads as rows too
+def test_channel_prefix_views_are_read_in_place(dtype, layout, shape):
+    """A channel prefix buf[:, :C] of a wider tensor (a dense block's buffer) is read through its
+    strides, not copied (NCHW: the image stride; channels_last: the row stride): every kernel
+    gives the bits it gives on a dense copy."""
     require_compiled_kernels("bn_fused_fwd", "bn_fused_bwd", dispatch_key="CPU")
     ops = _ops()
-    buf = _make((3, 11, 5, 7), dtype, "nchw", 40)
-    x, xd = buf[:, :6], buf[:, :6].contiguous()
-    assert not x.is_contiguous()
+    cl, c = layout == "channels_last", shape[1] // 2 + 1
+    buf = _make(shape, dtype, layout, 40)
+    x, xd = buf[:, :c], buf[:, :c].contiguous(memory_format=_fmt(layout))
+    assert not x.is_contiguous(memory_format=_fmt(layout))
     scale, shift = _params(xd, 41)
-    mean, var = _channel(6, 42, scale.dtype), _channel(6, 45, scale.dtype, 0.5, 2.0)
-    grad, residual = _make((3, 6, 5, 7), dtype, "nchw", 43), _make((3, 6, 5, 7), dtype, "nchw", 44)
+    mean, var = _channel(c, 42, scale.dtype), _channel(c, 45, scale.dtype, 0.5, 2.0)
+    small = (shape[0], c, *shape[2:])
+    grad, residual = _make(small, dtype, layout, 43), _make(small, dtype, layout, 44)
     calls = [
-        ("bn_stats_fwd", lambda t: ops.bn_stats_fwd(t, False)),
-        ("bn_apply", lambda t: ops.bn_apply(t, scale, shift, residual, True, False)),
-        ("bn_bwd_reduce", lambda t: ops.bn_bwd_reduce(grad, t, mean, scale, shift, residual, True, False)),
-        ("bn_bwd_apply", lambda t: ops.bn_bwd_apply(grad, t, scale, shift, residual, scale, shift, mean, True, False)),
+        ("bn_stats_fwd", lambda t: ops.bn_stats_fwd(t, cl)),
+        ("bn_apply", lambda t: ops.bn_apply(t, scale, shift, residual, True, cl)),
+        ("bn_bwd_reduce", lambda t: ops.bn_bwd_reduce(grad, t, mean, scale, shift, residual, True, cl)),
+        ("bn_bwd_apply", lambda t: ops.bn_bwd_apply(grad, t, scale, shift, residual, scale, shift, mean, True, cl)),
         (
             "bn_fused_fwd",
-            lambda t: ops.bn_fused_fwd(t, None, None, None, None, residual, True, 0.1, 1e-5, True, False, False),
+            lambda t: ops.bn_fused_fwd(t, None, None, None, None, residual, True, 0.1, 1e-5, True, False, cl),
         ),
         (
             "bn_fused_bwd",
             lambda t: ops.bn_fused_bwd(
-                grad, t, None, None, mean, var, residual, True, 1e-5, True, True, True, True, True, False
+                grad, t, None, None, mean, var, residual, True, 1e-5, True, True, True, True, True, cl
             ),
         ),
     ]
@@ -548,27 +553,30 @@ def test_bwd_reduce_add_matches_float64(dtype, shape, layout, prefix):
         assert torch.equal(whole[:, shape[1] :], before[:, shape[1] :])
 
 
-def test_bwd_reduce_add_writes_an_nchw_prefix_in_place():
-    """Dense-block operands (x and acc channel prefixes of NCHW buffers) are read and written through
-    their image stride: no copy; an acc laid out unlike x still gets the right values (through a copy)."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bwd_reduce_add_writes_a_prefix_in_place(layout):
+    """Dense-block operands (x and acc channel prefixes of NCHW or channels_last buffers) are read
+    and written through their strides: no copy; an acc laid out unlike x still gets the right
+    values (through a copy)."""
     require_compiled_kernels("bn_bwd_reduce_add_", dispatch_key="CPU")
     ops = _ops()
-    acc, x, grad, mean, scale, shift = _reduce_add_case((3, 6, 5, 7), torch.float32, "nchw", True, seed=60)
-    grad = grad.contiguous()
+    cl, fmt = layout == "channels_last", _fmt(layout)
+    acc, x, grad, mean, scale, shift = _reduce_add_case((3, 6, 5, 7), torch.float32, layout, True, seed=60)
+    grad = grad.contiguous(memory_format=fmt)
     want_acc = acc.clone()
-    want = ops.bn_bwd_reduce_add_(want_acc, grad, x.contiguous(), mean, scale, shift, True, False)
+    want = ops.bn_bwd_reduce_add_(want_acc, grad, x.contiguous(memory_format=fmt), mean, scale, shift, True, cl)
     with torch.profiler.profile() as prof:
-        got = ops.bn_bwd_reduce_add_(acc, grad, x, mean, scale, shift, True, False)
+        got = ops.bn_bwd_reduce_add_(acc, grad, x, mean, scale, shift, True, cl)
     assert not any(e.name in ("aten::copy_", "aten::clone", "aten::contiguous") for e in prof.events())
     assert torch.equal(acc, want_acc) and all(torch.equal(a, b) for a, b in zip(got, want))
     # acc dense with x a prefix, and acc a prefix with x dense (through copies): the right values.
-    wide = _make((3, 11, 5, 7), torch.float32, "nchw", 61)
+    wide = _make((3, 11, 5, 7), torch.float32, layout, 61)
     rest = wide[:, 6:].clone()
-    for acc2, x2 in ((want_acc.contiguous(), x), (wide[:, :6], x.contiguous())):
+    for acc2, x2 in ((want_acc.contiguous(memory_format=fmt), x), (wide[:, :6], x.contiguous(memory_format=fmt))):
         start = acc2.clone()
-        ops.bn_bwd_reduce_add_(acc2, grad, x2, mean, scale, shift, True, False)
-        ref = start + torch.where(_keep(x2.contiguous(), scale, shift, None, False), grad, 0.0) * scale.view(
-            1, -1, 1, 1
+        ops.bn_bwd_reduce_add_(acc2, grad, x2, mean, scale, shift, True, cl)
+        ref = start + torch.where(_keep(x2.contiguous(memory_format=fmt), scale, shift, None, cl), grad, 0.0) * (
+            scale.view(1, -1, 1, 1)
         )
         torch.testing.assert_close(acc2, ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(wide[:, 6:], rest)
