@@ -31,7 +31,7 @@ from fastblocks.bench.env import (
 from fastblocks.bench.memory import saved_bytes
 from fastblocks.bench.report import BEGIN, END, model_table, op_table, readme_section, speedup_intervals, speedups
 from fastblocks.bench.results import load_results, write_results
-from fastblocks.bench.timing import measure, measure_interleaved, paired_ratio, summarize
+from fastblocks.bench.timing import cuda_reps, measure, measure_interleaved, paired_ratio, summarize
 from fastblocks.nn import BatchNormReLU2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +143,13 @@ def test_paired_ratio_interval_covers_the_true_median_at_least_95_percent():
             _, low, high = paired_ratio(base, [1.0] * n)  # true median ratio: exp(0) = 1
             hits += low <= 1.0 <= high
         assert hits / trials >= 0.93, (n, hits / trials)  # >= 95% up to sampling error (sd ~0.5%)
+
+
+def test_cuda_sample_count_follows_the_limits_and_reps():
+    assert cuda_reps(0.01, 5, 200, 1.0, 10.0) == 100  # enough for min_time_s
+    assert cuda_reps(1.0, 5, 200, 1.0, 2.0) == 2  # max_time_s caps min_reps
+    assert cuda_reps(5.0, 5, 200, 1.0, 2.0) == 1  # at least one
+    assert cuda_reps(1e-4, 20, 20, 0.0, float("inf")) == 20  # --reps 20: exactly 20, no time limit
 
 
 def test_speedups_of_interleaved_rows_are_paired_by_round():

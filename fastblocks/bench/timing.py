@@ -179,6 +179,16 @@ def measure(
     return Timing(median, iqr, samples, calls, "perf_counter", first * 1e3)
 
 
+def cuda_reps(per_sample: float, min_reps: int, max_reps: int, min_time_s: float, max_time_s: float) -> int:
+    """Samples of a CUDA measurement, decided from the estimated seconds per sample (so the host
+    never synchronizes mid-run): enough for ``min_time_s`` within ``[min_reps, max_reps]``, at
+    most what ``max_time_s`` allows (which may be infinite), at least one."""
+    reps = max(min_reps, min(max_reps, math.ceil(min_time_s / per_sample)))
+    if math.isfinite(max_time_s):
+        reps = min(reps, math.floor(max_time_s / per_sample) or 1)
+    return max(1, reps)
+
+
 def _measure_cuda(
     fn: Callable[[], object],
     device: torch.device,
@@ -191,10 +201,7 @@ def _measure_cuda(
     flush_l2: bool,
 ) -> Timing:
     calls = 1 if flush_l2 else max(1, math.ceil(_MIN_SAMPLE_CUDA_S / est))
-    # Decide the number of samples from the estimate, so the host never synchronizes mid-run.
-    per_sample = est * calls
-    reps = max(min_reps, min(max_reps, math.ceil(min_time_s / per_sample)))
-    reps = max(1, min(reps, math.floor(max_time_s / per_sample) or 1))
+    reps = cuda_reps(est * calls, min_reps, max_reps, min_time_s, max_time_s)
     cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_l2 else None
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     with torch.cuda.device(device):
