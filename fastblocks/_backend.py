@@ -302,8 +302,8 @@ def cpu_kernels(op: str, device: torch.device, *names: str, under_compile: bool 
 # Inductor's layout optimization also picks for a compiled NCHW network). A fused DenseNet keeps
 # its input's format: channels_last it trains about as fast as NCHW, but oneDNN's channels_last
 # convolutions round differently from its NCHW ones, and with an NCHW input run channels_last
-# DenseNet-BC-100's norm2.bias gradients came out at up to 14x the eager (NCHW) twin's float64
-# error, over the accuracy rule's bound (tests/accuracy/test_models.py, densenet_bc_100_12 nchw).
+# DenseNet-BC-100's norm2.bias gradients came out over the accuracy rule's bound against the
+# eager (NCHW) twin (tests/accuracy/test_models.py, densenet_bc_100_12 nchw, when this was tried).
 # Compare the layouts with
 # ``fastblocks bench --models resnet50,densenet121 --providers fused --modes train [--channels-last]``.
 _BODY_CHANNELS_LAST: dict[str, frozenset[str]] = {"resnet": frozenset({"cpu"})}
