@@ -310,10 +310,11 @@ _BODY_CHANNELS_LAST: dict[str, frozenset[str]] = {"resnet": frozenset({"cpu"})}
 
 
 def body_layout(family: str, x: torch.Tensor) -> torch.Tensor:
-    """``x`` (a fused ``family`` network's activation after its stem, ``[N, C, H, W]``) in the
-    memory format the network's body runs fastest in on x's device: channels_last for a fused
-    ResNet on the CPU (a copy of an NCHW x, once per forward), else x unchanged. The logits do
-    not depend on it; gradients and results agree up to the convolutions' rounding."""
+    """``x`` (a fused ``family`` network's input, ``[N, C, H, W]``) in the memory format the
+    network runs fastest in on x's device: channels_last for a fused ResNet on the CPU (a copy of
+    an NCHW x, once per forward, before the stem: its convolution, run twice by the recomputing
+    stem, is faster so too), else x unchanged. The logits do not depend on it; gradients and
+    results agree up to the convolutions' rounding."""
     if x.dim() == 4 and x.device.type in _BODY_CHANNELS_LAST.get(family, ()):
         return x.contiguous(memory_format=torch.channels_last)
     return x

@@ -424,6 +424,8 @@ class ResNet(_ResNetBase):
     memory_efficient: bool | None = None  # a ResNet adopted by convert() keeps the default
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if self.fused:
+            x = _backend.body_layout("resnet", x)  # channels_last on the CPU: oneDNN's faster convolutions
         if runs_fused_stem(self):
             x = fused_stem(self, x)  # conv1, bn1, relu, maxpool as one node that recomputes the conv
         else:
@@ -431,8 +433,6 @@ class ResNet(_ResNetBase):
             if self.block_variant != "preact" and not self.folded:  # pre-activation: the first block normalizes
                 x = self._bn_relu(self.bn1, x)  # folded: inside conv1
             x = self.maxpool(x)
-        if self.fused:
-            x = _backend.body_layout("resnet", x)  # channels_last on the CPU: oneDNN's faster convolutions
 
         x = self.layer1(x)
         x = self.layer2(x)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastblocks.models import fuse, unfuse
 from fastblocks.models import resnet as R
@@ -439,11 +440,29 @@ def test_memory_efficient_false_keeps_conv_outputs_and_matches() -> None:
             torch.testing.assert_close(buf, m.state_dict()[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+class _ConvInputLayouts(TorchDispatchMode):
+    """Records ``(op, channels_last)`` for every convolution-running op a network calls, forward
+    and backward: its activation (or gradient) operand, args[0]. Under a dispatch mode a fused
+    network calls its registered ops (``fastblocks::stem``, ``fastblocks::conv2d``, ...), which
+    this sees as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if ("conv" in name or "stem" in name) and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            self.seen.append((name, args[0].is_contiguous(memory_format=torch.channels_last)))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
-def test_fused_body_runs_channels_last_on_the_cpu(fused: bool) -> None:
-    """On the CPU a fused ResNet fed NCHW runs its body (layer1..layer4) channels_last, where
-    oneDNN's convolutions are faster (``fastblocks._backend.body_layout``); the eager twin runs
-    the input's format. The input's gradient keeps the input's format either way."""
+def test_fused_network_runs_channels_last_on_the_cpu(fused: bool) -> None:
+    """On the CPU a fused ResNet fed NCHW runs channels_last from its first convolution on (the
+    stem's, recomputed in backward, included), where oneDNN's convolutions are faster
+    (``fastblocks._backend.body_layout``); the eager twin runs the input's format. The input's
+    gradient keeps the input's format either way."""
     torch.manual_seed(0)
     model = R.resnet18(fused=fused)
     seen: list[bool] = []
@@ -451,6 +470,10 @@ def test_fused_body_runs_channels_last_on_the_cpu(fused: bool) -> None:
         lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
     x = torch.randn(2, 3, 64, 64, requires_grad=True)
-    model(x).sum().backward()
+    with _ConvInputLayouts() as convs:
+        model(x).sum().backward()
     assert seen == [fused]
+    names = {name for name, _ in convs.seen}
+    assert {"fastblocks::stem", "fastblocks::stem_backward"} <= names if fused else "aten::convolution" in names
+    assert len(convs.seen) > 20 and all(cl == fused for _, cl in convs.seen), convs.seen
     assert x.grad.is_contiguous()
