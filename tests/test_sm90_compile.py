@@ -157,7 +157,8 @@ def test_case_catalogue(scope: str) -> None:
     assert any(b.h is None for b in bns)
     sizes = {b.h * b.h for b in bns if b.h is not None}
     assert any(s % 16 == 0 for s in sizes) and any(s % 16 for s in sizes)  # both specializations of H*W
-    assert len({(b.c, b.h) for b in bns}) == len(bns)
+    assert len({(b.c, b.h, b.buffer) for b in bns}) == len(bns)
+    assert any(b.buffer is not None and b.buffer > b.c for b in bns)  # a dense block's channel prefix
     assert all(b.role in sm90.BN_DTYPES for b in bns)
     assert set(sm90.CONV_DTYPES["grid"]) == {"fp16", "bf16", "fp32"}
     assert set(sm90.BN_DTYPES["grid"]) == {"fp16", "bf16", "fp32", "fp64"}
@@ -167,8 +168,8 @@ def test_case_catalogue(scope: str) -> None:
 def test_cover_scope_uses_model_layers() -> None:
     layers = {(c.c, c.co, c.h, c.k, c.stride) for c in sm90.conv_cases("all")}
     assert all((c.c, c.co, c.h, c.k, c.stride) in layers for c in sm90.conv_cases("cover"))
-    inputs = {(b.c, b.h) for b in sm90.bn_cases("all")}
-    assert all((b.c, b.h) in inputs for b in sm90.bn_cases("cover"))
+    inputs = {(b.c, b.h, b.buffer) for b in sm90.bn_cases("all")}
+    assert all((b.c, b.h, b.buffer) in inputs for b in sm90.bn_cases("cover"))
 
 
 def test_cover_scope_reaches_every_block_size_of_the_models() -> None:

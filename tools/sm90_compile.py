@@ -393,12 +393,14 @@ class ConvCase:
 @dataclasses.dataclass(frozen=True)
 class BNCase:
     """One BatchNorm input ``[BATCH, c, h, h]`` (``h=None``: a 2-D ``[BATCH, c]`` input); ``role``:
-    a key of ``BN_DTYPES``."""
+    a key of ``BN_DTYPES``; ``buffer``: the input is the channel prefix ``buf[:, :c]`` of a
+    ``buffer``-channel tensor (a dense block's), read in place through its strides."""
 
     model: str
     c: int
     h: int | None
     role: str = "grid"
+    buffer: int | None = None
 
 
 def _bottleneck_convs(model: str, stages: Sequence[tuple[int, int, int, int]]) -> list[ConvCase]:
@@ -473,8 +475,15 @@ COVER_BNS = (
     BNCase("resnet50 layer1", 256, 56),
     BNCase("resnet50 layer3", 1024, 14),
     BNCase("densenet201 chunk", 32, 56, role="blocks"),
+    BNCase("densenet201 block1 prefix", 160, 56, role="blocks", buffer=256),
     BNCase("cifar_resnet stage1", 16, 32, role="blocks"),
     BNCase("functional 2-D", 512, None, role="blocks"),
+)
+
+# A dense block's norm1 input: a channel prefix of its buffer (DenseNet-201: c0, layers, size).
+DENSENET201_PREFIXES = tuple(
+    BNCase(f"densenet201 block{i + 1} prefix", c0 + 32 * (n // 2), h, role="blocks", buffer=c0 + 32 * n)
+    for i, (c0, n, h) in enumerate(((64, 6, 56), (128, 12, 28), (256, 48, 14), (896, 32, 7)))
 )
 
 
@@ -500,7 +509,7 @@ def bn_cases(scope: str = "cover") -> list[BNCase]:
         BNCase("functional 2-D", 512, None),
     ):
         seen.setdefault((case.c, case.h), case)
-    return list(seen.values())
+    return [*seen.values(), *DENSENET201_PREFIXES]
 
 
 # ----------------------------------------------------------------------------- capture (Triton 3.6)
@@ -678,6 +687,8 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
                     cl = layout == "channels_last"
                     tag = f"{case.model} {list(shape)} {dname} {layout}"
                     x, g, r = (empty(shape, dtype, cl) for _ in range(3))
+                    if case.buffer is not None:
+                        x = empty((BATCH, case.buffer, *shape[2:]), dtype, cl)[:, : case.c]
                     v = torch.empty(case.c, dtype=cd)
                     rec.call(f"stats {tag}", bn.stats_triton, x, cl)
                     for res in (None, r):

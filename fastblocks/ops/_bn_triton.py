@@ -13,12 +13,14 @@ import math
 
 import torch
 
-from fastblocks.ops._common import acc_dtype, channel_vector, combine_partials, is_channels_last, memory_format
+from fastblocks.ops._common import acc_dtype, channel_vector, combine_partials, memory_format
 from fastblocks.ops._triton import tl, triton
 
 # ----------------------------------------------------------------------------- Triton kernels
 # x-sized tensors are addressed as [N, C, HW] through three strides, so one kernel serves NCHW
-# (s_c = HW, s_hw = 1) and channels_last (s_c = 1, s_hw = C). Programs tile (pixels, channels);
+# (s_c = HW, s_hw = 1) and channels_last (s_c = 1, s_hw = C). The input x has strides of its own
+# (xs_n, xs_c, xs_hw): a channel prefix buf[:, :C] of a wider buffer (a dense block's) is read in
+# place, the other operands and the outputs are dense. Programs tile (pixels, channels);
 # reductions write per-program partials [programs_m, C] that are combined in PyTorch.
 if triton is not None:
 
@@ -91,14 +93,17 @@ if triton is not None:
         x_ptr,  # *T [N, C, HW] (strided): input
         scale_ptr,  # *COMPUTE [C]
         shift_ptr,  # *COMPUTE [C]
-        r_ptr,  # *T, same layout as x: residual (ignored unless HAS_RES)
-        y_ptr,  # *T, same layout as x: act(x * scale + shift [+ r])
+        r_ptr,  # *T [N, C, HW] (dense): residual (ignored unless HAS_RES)
+        y_ptr,  # *T [N, C, HW] (dense): act(x * scale + shift [+ r])
         M,
         C,
         HW,
-        s_n,
+        s_n,  # the dense operands' strides
         s_c,
         s_hw,
+        xs_n,  # x's strides
+        xs_c,
+        xs_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
         COMPUTE: tl.constexpr,
@@ -106,9 +111,10 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
     ):
         offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
         scale = tl.load(scale_ptr + cols, mask=cols < C, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cols < C, other=0.0).to(COMPUTE)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + xoffs, mask=mask, other=0.0)
         y = _value(x, scale, shift, r_ptr, offs, mask, HAS_RES, COMPUTE)
         if RELU:
             y = tl.where(y <= 0.0, 0.0, y).to(x.dtype)  # NaN passes, as torch.relu
@@ -126,19 +132,22 @@ if triton is not None:
 
     @triton.jit
     def _bn_bwd_reduce_kernel(
-        g_ptr,  # *T, same layout as x: dL/dy
+        g_ptr,  # *T [N, C, HW] (dense): dL/dy
         x_ptr,  # *T [N, C, HW] (strided): forward input
         mean_ptr,  # *COMPUTE [C]
         scale_ptr,  # *COMPUTE [C]
         shift_ptr,  # *COMPUTE [C]
-        r_ptr,  # *T residual (ignored unless HAS_RES)
+        r_ptr,  # *T [N, C, HW] (dense): residual (ignored unless HAS_RES)
         part_ptr,  # *COMPUTE [2, programs_m, C]: partial Σ g' and Σ g' (x - mean)
         M,
         C,
         HW,
-        s_n,
+        s_n,  # the dense operands' strides
         s_c,
         s_hw,
+        xs_n,  # x's strides
+        xs_c,
+        xs_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
         COMPUTE: tl.constexpr,
@@ -147,11 +156,12 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         offs, mask, cols = _tile(pid_m, tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        xoffs, _, _ = _tile(pid_m, tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
         cmask = cols < C
         scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + xoffs, mask=mask, other=0.0)
         g = _masked_grad_tile(g_ptr, x, scale, shift, r_ptr, offs, mask, HAS_RES, RELU, COMPUTE)
         xc = tl.where(mask, x.to(COMPUTE) - mean[None, :], 0.0)
         base = pid_m.to(tl.int64) * C + cols
@@ -160,21 +170,24 @@ if triton is not None:
 
     @triton.jit
     def _bn_bwd_apply_kernel(
-        g_ptr,  # *T, same layout as x: dL/dy
+        g_ptr,  # *T [N, C, HW] (dense): dL/dy
         x_ptr,  # *T [N, C, HW] (strided): forward input
         scale_ptr,  # *COMPUTE [C]
         shift_ptr,  # *COMPUTE [C]
-        r_ptr,  # *T residual (ignored unless HAS_RES)
+        r_ptr,  # *T [N, C, HW] (dense): residual (ignored unless HAS_RES)
         a_ptr,  # *COMPUTE [C]: dx = a g' + b x + c
         b_ptr,  # *COMPUTE [C]
         c_ptr,  # *COMPUTE [C]
-        dx_ptr,  # *T, same layout as x
+        dx_ptr,  # *T [N, C, HW] (dense)
         M,
         C,
         HW,
-        s_n,
+        s_n,  # the dense operands' strides
         s_c,
         s_hw,
+        xs_n,  # x's strides
+        xs_c,
+        xs_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
         COMPUTE: tl.constexpr,
@@ -182,25 +195,44 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
     ):
         offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
+        xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
         cmask = cols < C
         scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         c = tl.load(c_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + xoffs, mask=mask, other=0.0)
         g = _masked_grad_tile(g_ptr, x, scale, shift, r_ptr, offs, mask, HAS_RES, RELU, COMPUTE)
         dx = a[None, :] * g + b[None, :] * x.to(COMPUTE) + c[None, :]
         tl.store(dx_ptr + offs, dx.to(x.dtype), mask=mask)
 
 
-def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """(M, C, HW, s_n, s_c, s_hw) of a dense 4-D (or 2-D/3-D) x."""
-    n, c = x.shape[0], x.shape[1]
-    hw = math.prod(x.shape[2:])
-    if x.dim() == 4 and is_channels_last(x):
-        return n * hw, c, hw, x.stride(0), 1, c
+def _geometry(shape: torch.Size, channels_last: bool) -> tuple[int, int, int, int, int, int]:
+    """(M, C, HW, s_n, s_c, s_hw) of a dense ``[N, C, ...]`` tensor of ``shape`` in the layout
+    (channels_last: 4-D only)."""
+    n, c = shape[0], shape[1]
+    hw = math.prod(shape[2:])
+    if len(shape) == 4 and channels_last:
+        return n * hw, c, hw, c * hw, 1, c
     return n * hw, c, hw, c * hw, hw, 1
+
+
+def _x_operand(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``(x, (s_n, s_c, s_hw))``: x as the kernels read it, in place where its pixels flatten to
+    one stride and its innermost stride is the layout's (channels for channels_last, pixels for
+    NCHW; a channel prefix ``buf[:, :C]`` of a dense block's buffer is such a view), else a dense
+    copy in the layout."""
+    if x.dim() == 4:
+        _, c, h, w = x.shape
+        s_n, s_c, s_h, s_w = x.stride()
+        flat = h == 1 or w == 1 or s_h == w * s_w
+        s_hw = s_w if w > 1 else s_h
+        inner = (s_c == 1 or c == 1) if channels_last else (s_hw == 1 or h * w == 1)
+        if flat and inner:
+            return x, (s_n, s_c, s_hw)
+    xc = x.contiguous(memory_format=memory_format(channels_last))
+    return xc, _geometry(xc.shape, channels_last)[3:]
 
 
 def _blocks(x: torch.Tensor, channels_last: bool) -> tuple[int, int]:
@@ -212,17 +244,23 @@ def _blocks(x: torch.Tensor, channels_last: bool) -> tuple[int, int]:
     return block_m, block_c
 
 
-def _prepare(x: torch.Tensor, channels_last: bool, *others: torch.Tensor | None) -> list[torch.Tensor | None]:
+def _prepare(channels_last: bool, *others: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The dense operands (gradient, residual), dense in the layout."""
     fmt = memory_format(channels_last)
-    return [None if t is None else t.contiguous(memory_format=fmt) for t in (x, *others)]
+    return [None if t is None else t.contiguous(memory_format=fmt) for t in others]
+
+
+def _dense_empty(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An uninitialized output of x's shape and dtype, dense in the layout."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(channels_last))
 
 
 def stats_triton(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, C, ...]`` -> per-channel (mean, biased var) ``[C]`` (see ``_bn_core._stats_reference``)."""
-    (xc,) = _prepare(x, channels_last)
+    xc, (s_n, s_c, s_hw) = _x_operand(x, channels_last)
     cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
-    bm, bc = _blocks(xc, channels_last)
+    M, C, HW = _geometry(x.shape, channels_last)[:3]
+    bm, bc = _blocks(x, channels_last)
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
     part = torch.empty((3, grid[0], C), dtype=cd, device=x.device)
     tl_cd = tl.float64 if cd == torch.float64 else tl.float32
@@ -239,17 +277,18 @@ def apply_triton(
     channels_last: bool,
 ) -> torch.Tensor:
     """``act(x * scale + shift [+ residual])``: x ``[N, C, ...]``, scale/shift ``[C]`` -> x's shape and layout."""
-    xc, rc = _prepare(x, channels_last, residual)
-    y = torch.empty_like(xc)
-    if xc.numel() == 0:
+    y = _dense_empty(x, channels_last)
+    if x.numel() == 0:
         return y
+    xc, xs = _x_operand(x, channels_last)
+    (rc,) = _prepare(channels_last, residual)
     cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
-    bm, bc = _blocks(xc, channels_last)
+    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
+    bm, bc = _blocks(x, channels_last)
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
     _bn_apply_kernel[grid](
-        xc, channel_vector(scale, cd), channel_vector(shift, cd), xc if rc is None else rc, y,
-        M, C, HW, s_n, s_c, s_hw,
+        xc, channel_vector(scale, cd), channel_vector(shift, cd), y if rc is None else rc, y,
+        M, C, HW, s_n, s_c, s_hw, *xs,
         HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
         BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
@@ -267,16 +306,17 @@ def bwd_reduce_triton(
     channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ g', Σ g' (x - mean))`` ``[C]`` each; ``g'`` is grad_y ``[N, C, ...]`` masked by the ReLU."""
-    xc, gc, rc = _prepare(x, channels_last, grad_y, residual)
+    xc, xs = _x_operand(x, channels_last)
+    gc, rc = _prepare(channels_last, grad_y, residual)
     cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
-    bm, bc = _blocks(xc, channels_last)
+    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
+    bm, bc = _blocks(x, channels_last)
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
     part = torch.empty((2, grid[0], C), dtype=cd, device=x.device)
     _bn_bwd_reduce_kernel[grid](
         gc, xc, channel_vector(mean, cd), channel_vector(scale, cd), channel_vector(shift, cd),
-        xc if rc is None else rc, part,
-        M, C, HW, s_n, s_c, s_hw,
+        gc if rc is None else rc, part,
+        M, C, HW, s_n, s_c, s_hw, *xs,
         HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
         BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
@@ -296,18 +336,19 @@ def bwd_apply_triton(
     channels_last: bool,
 ) -> torch.Tensor:
     """``dx = a g' + b x + c`` per channel (a, b, c ``[C]``): x's shape, dtype and layout."""
-    xc, gc, rc = _prepare(x, channels_last, grad_y, residual)
-    dx = torch.empty_like(xc)
-    if xc.numel() == 0:
+    dx = _dense_empty(x, channels_last)
+    if x.numel() == 0:
         return dx
+    xc, xs = _x_operand(x, channels_last)
+    gc, rc = _prepare(channels_last, grad_y, residual)
     cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(xc)
-    bm, bc = _blocks(xc, channels_last)
+    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
+    bm, bc = _blocks(x, channels_last)
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
     _bn_bwd_apply_kernel[grid](
-        gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), xc if rc is None else rc,
+        gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc if rc is None else rc,
         channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), dx,
-        M, C, HW, s_n, s_c, s_hw,
+        M, C, HW, s_n, s_c, s_hw, *xs,
         HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
         BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip

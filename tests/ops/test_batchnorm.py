@@ -299,3 +299,49 @@ def test_bn_stats_eager_path_equals_the_registered_op(backend, channels_last):
         results.append((mean.detach(), var.detach(), xl.grad))
     for a, e in zip(*results):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 11, 5, 7), (2, 40, 1, 1), (2, 9, 1, 6), (1, 7, 4, 1)], ids=str)
+def test_kernels_read_a_channel_prefix_as_a_dense_copy(device, backend, layout, shape):
+    """A dense block's BatchNorm input is a channel prefix ``buf[:, :C]`` of a wider buffer. Every
+    backend's kernel functions give on the view the bits they give on a dense copy of it: the
+    Triton kernels read x through its own strides (and take the view itself: no copy), the
+    compiled kernels through their row or image stride (tests/ops/test_batchnorm_kernels.py)."""
+    skip_unless_available("dense_block", backend, device)
+    from fastblocks.ops import _bn_core, _bn_triton
+
+    kern = {"reference": _bn_core.REFERENCE, "triton": _bn_core.TRITON}.get(backend, _bn_core.COMPILED_KERNELS)
+    cl = layout == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    g = torch.Generator().manual_seed(sum(shape))
+    buf = torch.randn(shape, generator=g).to(device).contiguous(memory_format=fmt)
+    c = shape[1] // 2 + 1
+    x = buf[:, :c]
+    xd = x.contiguous(memory_format=fmt)
+    assert shape[0] == 1 or shape[2] * shape[3] == 1 or not x.is_contiguous(memory_format=fmt)
+    small = (shape[0], c, *shape[2:])
+    grad, res = (torch.randn(small, generator=g).to(device).contiguous(memory_format=fmt) for _ in range(2))
+    scale, shift, mean = (torch.randn(c, generator=g).to(device) for _ in range(3))
+    calls = {
+        "stats": lambda t: kern.stats(t, cl),
+        "apply": lambda t: kern.apply(t, scale, shift, res, True, cl),
+        "bwd_reduce": lambda t: kern.bwd_reduce(grad, t, mean, scale, shift, res, True, cl),
+        "bwd_apply": lambda t: kern.bwd_apply(grad, t, scale, shift, None, scale, shift, mean, True, cl),
+    }
+    for name, call in calls.items():
+        got, want = call(x), call(xd)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(a, b), name
+            if a.dim() == 4:
+                assert a.is_contiguous(memory_format=fmt), name
+    if backend == "triton":
+        assert _bn_triton._x_operand(x, cl)[0] is x  # read in place
+        # Not read in place: pixels that do not flatten to one stride; the other layout's innermost stride.
+        if shape[2] > 1 and shape[3] > 2:
+            every_other = buf[:, :c, :, ::2]
+            assert _bn_triton._x_operand(every_other, cl)[0] is not every_other
+        if shape[2] * shape[3] > 1:
+            assert _bn_triton._x_operand(xd, not cl)[0] is not xd
