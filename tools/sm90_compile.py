@@ -697,6 +697,11 @@ def run_launchers(rec: Recorder, scope: str = "cover", select: Callable[[str], b
                             rec.call(f"apply {flags}", bn.apply_triton, x, v, v, res, relu, cl)
                             rec.call(f"bwd_reduce {flags}", bn.bwd_reduce_triton, g, x, v, v, v, res, relu, cl)
                             rec.call(f"bwd_apply {flags}", bn.bwd_apply_triton, g, x, v, v, res, v, v, v, relu, cl)
+                            if case.buffer is not None and res is None:  # the dense block's norm1, into G
+                                out = empty((*x.shape[:1], case.buffer, *x.shape[2:]), dtype, cl)[:, : case.c]
+                                rec.call(
+                                    f"bwd_apply_add {flags}", bn.bwd_apply_add_triton, out, g, x, *[v] * 5, relu, cl
+                                )
 
     # Every op that declares its launcher calls (fastblocks.ops._declarations), e.g. add_relu.
     for name, decl in declared().items():

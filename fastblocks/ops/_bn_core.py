@@ -244,17 +244,25 @@ if schemas_defined(*COMPILED):
 # ----------------------------------------------------------------------------- the kernel table
 @dataclass(frozen=True)
 class Kernels:
-    """The four kernel-level functions of one backend (signatures as the reference kernels)."""
+    """The four kernel-level functions of one backend (signatures as the reference kernels), and
+    where the backend has it, ``bwd_apply_add(out, grad_y, x, scale, shift, a, b, c, relu,
+    channels_last)``: ``out += bwd_apply(grad_y, x, scale, shift, None, a, b, c, relu,
+    channels_last)`` in one pass (the dense block's norm1 into its gradient buffer)."""
 
     stats: Callable
     apply: Callable
     bwd_reduce: Callable
     bwd_apply: Callable
+    bwd_apply_add: Callable | None = None
 
 
 REFERENCE = Kernels(_stats_reference, _apply_reference, _bwd_reduce_reference, _bwd_apply_reference)
 TRITON = Kernels(
-    _bn_triton.stats_triton, _bn_triton.apply_triton, _bn_triton.bwd_reduce_triton, _bn_triton.bwd_apply_triton
+    _bn_triton.stats_triton,
+    _bn_triton.apply_triton,
+    _bn_triton.bwd_reduce_triton,
+    _bn_triton.bwd_apply_triton,
+    _bn_triton.bwd_apply_add_triton,
 )
 COMPILED_KERNELS = Kernels(_stats_compiled, _apply_compiled, _bwd_reduce_compiled, _bwd_apply_compiled)
 _BY_BACKEND = {"reference": REFERENCE, "triton": TRITON, "cpu": COMPILED_KERNELS, "cuda": COMPILED_KERNELS}

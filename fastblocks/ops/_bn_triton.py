@@ -178,7 +178,7 @@ if triton is not None:
         a_ptr,  # *COMPUTE [C]: dx = a g' + b x + c
         b_ptr,  # *COMPUTE [C]
         c_ptr,  # *COMPUTE [C]
-        dx_ptr,  # *T [N, C, HW] (dense)
+        dx_ptr,  # *T [N, C, HW] (strided): dx, or what dx is added to (ACCUMULATE)
         M,
         C,
         HW,
@@ -188,14 +188,19 @@ if triton is not None:
         xs_n,  # x's strides
         xs_c,
         xs_hw,
+        ds_n,  # dx's strides
+        ds_c,
+        ds_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
+        ACCUMULATE: tl.constexpr,  # dx_ptr[...] += dx, one rounding of the sum
         COMPUTE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
         xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
+        doffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, ds_n, ds_c, ds_hw, BLOCK_M, BLOCK_C)
         cmask = cols < C
         scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
@@ -205,7 +210,9 @@ if triton is not None:
         x = tl.load(x_ptr + xoffs, mask=mask, other=0.0)
         g = _masked_grad_tile(g_ptr, x, scale, shift, r_ptr, offs, mask, HAS_RES, RELU, COMPUTE)
         dx = a[None, :] * g + b[None, :] * x.to(COMPUTE) + c[None, :]
-        tl.store(dx_ptr + offs, dx.to(x.dtype), mask=mask)
+        if ACCUMULATE:
+            dx += tl.load(dx_ptr + doffs, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(dx_ptr + doffs, dx.to(x.dtype), mask=mask)
 
 
 def _geometry(shape: torch.Size, channels_last: bool) -> tuple[int, int, int, int, int, int]:
@@ -218,19 +225,27 @@ def _geometry(shape: torch.Size, channels_last: bool) -> tuple[int, int, int, in
     return n * hw, c, hw, c * hw, hw, 1
 
 
+def _in_place_strides(t: torch.Tensor, channels_last: bool) -> tuple[int, int, int] | None:
+    """``(s_n, s_c, s_hw)`` through which the kernels address a 4-D ``t`` as ``[N, C, HW]``
+    where its pixels flatten to one stride and its innermost stride is the layout's (channels
+    for channels_last, pixels for NCHW; a channel prefix ``buf[:, :C]`` of a dense block's
+    buffer is such a view), else None."""
+    if t.dim() != 4:
+        return None
+    _, c, h, w = t.shape
+    s_n, s_c, s_h, s_w = t.stride()
+    flat = h == 1 or w == 1 or s_h == w * s_w
+    s_hw = s_w if w > 1 else s_h
+    inner = (s_c == 1 or c == 1) if channels_last else (s_hw == 1 or h * w == 1)
+    return (s_n, s_c, s_hw) if flat and inner else None
+
+
 def _x_operand(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``(x, (s_n, s_c, s_hw))``: x as the kernels read it, in place where its pixels flatten to
-    one stride and its innermost stride is the layout's (channels for channels_last, pixels for
-    NCHW; a channel prefix ``buf[:, :C]`` of a dense block's buffer is such a view), else a dense
-    copy in the layout."""
-    if x.dim() == 4:
-        _, c, h, w = x.shape
-        s_n, s_c, s_h, s_w = x.stride()
-        flat = h == 1 or w == 1 or s_h == w * s_w
-        s_hw = s_w if w > 1 else s_h
-        inner = (s_c == 1 or c == 1) if channels_last else (s_hw == 1 or h * w == 1)
-        if flat and inner:
-            return x, (s_n, s_c, s_hw)
+    """``(x, (s_n, s_c, s_hw))``: x as the kernels read it, in place where
+    :func:`_in_place_strides` allows, else a dense copy in the layout."""
+    strides = _in_place_strides(x, channels_last)
+    if strides is not None:
+        return x, strides
     xc = x.contiguous(memory_format=memory_format(channels_last))
     return xc, _geometry(xc.shape, channels_last)[3:]
 
@@ -348,8 +363,50 @@ def bwd_apply_triton(
     _bn_bwd_apply_kernel[grid](
         gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc if rc is None else rc,
         channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), dx,
-        M, C, HW, s_n, s_c, s_hw, *xs,
-        HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
-        BLOCK_M=bm, BLOCK_C=bc,
+        M, C, HW, s_n, s_c, s_hw, *xs, s_n, s_c, s_hw,
+        HAS_RES=rc is not None, RELU=relu, ACCUMULATE=False,
+        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
     return dx
+
+
+def bwd_apply_add_triton(
+    out: torch.Tensor,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+    channels_last: bool,
+) -> None:
+    """``out += a g' + b x + c`` in place (out ``[N, C, ...]`` x's shape and dtype, sharing no
+    memory with grad_y or x; e.g. a channel prefix of a dense block's gradient buffer): one pass
+    that reads out, grad_y and x and writes out, instead of :func:`bwd_apply_triton`'s
+    temporary and an add. The sum is rounded to out's dtype once."""
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"bwd_apply_add: out must have x's shape, dtype and device; out is {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}, x {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    if x.numel() == 0:
+        return
+    ds = _in_place_strides(out, channels_last)
+    if ds is None:  # not addressable in place: the two-pass form
+        out.add_(bwd_apply_triton(grad_y, x, scale, shift, None, a, b, c, relu, channels_last))
+        return
+    xc, xs = _x_operand(x, channels_last)
+    (gc,) = _prepare(channels_last, grad_y)
+    cd = acc_dtype(x.dtype)
+    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
+    bm, bc = _blocks(x, channels_last)
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    _bn_bwd_apply_kernel[grid](
+        gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc,
+        channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), out,
+        M, C, HW, s_n, s_c, s_hw, *xs, *ds,
+        HAS_RES=False, RELU=relu, ACCUMULATE=True,
+        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
+    )  # fmt: skip

@@ -298,9 +298,12 @@ def block_backward(
             else:
                 sg1, sgx1 = kern.bwd_reduce(da1, x_pre, m1, s1, t1, None, True, cl)
                 zero = torch.zeros_like(s1)
-                channel_rows(g, 0, ci, cl).add_(
-                    rows_of(kern.bwd_apply(da1, x_pre, s1, t1, None, s1, zero, zero, True, cl), cl)
-                )
+                if kern.bwd_apply_add is not None:  # G[:, :C_i] += s1 g1' in place (Triton)
+                    kern.bwd_apply_add(g[:, :ci], da1, x_pre, s1, t1, s1, zero, zero, True, cl)
+                else:
+                    channel_rows(g, 0, ci, cl).add_(
+                        rows_of(kern.bwd_apply(da1, x_pre, s1, t1, None, s1, zero, zero, True, cl), cl)
+                    )
             del da1
             if cfg.training:
                 gmu[:ci] -= s1 * sg1

@@ -128,9 +128,11 @@ Limits: the bottleneck convs are ``torch`` convolutions on the (transient) activ
 BN-ReLU prologue fusion into the 1x1 GEMM is future work. The kernel-table functions take
 the prefix view as is: the compiled CPU kernels and the Triton kernels read it in place (an
 NCHW prefix through its image stride, a channels_last one through its row stride; no copy); the
-CUDA extension's launchers (``csrc/cuda/ops_cuda.cpp``) make a dense copy of it first. On the
-Triton backend, norm1's input gradient is still a dense temporary added into the gradient
-buffer (the compiled CPU backend writes it in place: ``bn_bwd_reduce_add_``).
+CUDA extension's launchers (``csrc/cuda/ops_cuda.cpp``) make a dense copy of it first. norm1's
+input gradient is added into the block's gradient buffer in place on the compiled CPU backend
+(``bn_bwd_reduce_add_``: with the sums, one pass) and on Triton (the kernel table's
+``bwd_apply_add``: after the sums' pass); the CUDA and reference backends write a temporary
+and add it.
 Synchronized: the "more than 1 value per channel" check applies to each rank's own batch
 (``nn.SyncBatchNorm`` checks the global one); ``torch.compile`` of a synchronized model is
 untested (tests/models/test_densenet_ddp.py runs it eagerly).

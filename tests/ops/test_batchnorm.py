@@ -345,3 +345,53 @@ def test_kernels_read_a_channel_prefix_as_a_dense_copy(device, backend, layout, 
             assert _bn_triton._x_operand(every_other, cl)[0] is not every_other
         if shape[2] * shape[3] > 1:
             assert _bn_triton._x_operand(xd, not cl)[0] is not xd
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 11, 5, 7), (2, 40, 1, 1), (1, 7, 4, 1)], ids=str)
+def test_triton_bwd_apply_add_accumulates_into_a_prefix_in_place(device, dtype, layout, shape):
+    """``bwd_apply_add(out, ...)``: ``out += a g' + b x + c`` in one pass, ``out`` the channel
+    prefix of a dense block's gradient buffer: the two-pass result (bwd_apply, then add) bit for
+    bit in fp32, the float64 truth within one rounding in fp16; the buffer's other channels
+    untouched; an ``out`` the kernel cannot address in place takes the two-pass form."""
+    skip_unless_available("dense_block", "triton", device)
+    from fastblocks.ops import _bn_core
+
+    kern = _bn_core.TRITON
+    cl = layout == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    g = torch.Generator().manual_seed(7 + sum(shape))
+
+    def make(s):
+        return torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype).contiguous(memory_format=fmt)
+
+    buf, gbuf = make(shape), make(shape)
+    c = shape[1] // 2 + 1
+    x, out = buf[:, :c], gbuf[:, :c]
+    da = make((shape[0], c, *shape[2:]))
+    scale, shift, a, b, cc = (torch.randn(c, generator=g).to(device) for _ in range(5))
+    before = gbuf.clone()
+    kern.bwd_apply_add(out, da, x, scale, shift, a, b, cc, True, cl)
+    two_pass = before[:, :c] + kern.bwd_apply(da, x, scale, shift, None, a, b, cc, True, cl)
+    assert torch.equal(gbuf[:, c:], before[:, c:])
+    if dtype == torch.float32:
+        assert torch.equal(out, two_pass)
+    else:
+        pc = [1, -1, 1, 1]
+        z = x.double() * scale.double().view(pc) + shift.double().view(pc)
+        z = z.to(dtype).double()  # the forward's rounded BN output, whose sign masks the gradient
+        truth = before[:, :c].double() + a.double().view(pc) * torch.where(z <= 0, 0.0, da.double())
+        truth = truth + b.double().view(pc) * x.double() + cc.double().view(pc)
+        ulp = torch.finfo(dtype).eps * truth.abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((out.double() - truth).abs() <= ulp).all()
+    # Pixels that do not flatten to one stride: still correct, through the two-pass form.
+    if shape[2] > 1 and shape[3] > 2 and dtype == torch.float32:
+        wide = make((shape[0], c, shape[2], 2 * shape[3]))
+        view, base = wide[..., ::2], wide[..., ::2].clone()
+        xs, ds = x[..., : view.shape[3]], da[..., : view.shape[3]]
+        kern.bwd_apply_add(view, ds, xs, scale, shift, a, b, cc, True, cl)
+        assert torch.equal(view, base + kern.bwd_apply(ds, xs, scale, shift, None, a, b, cc, True, cl))
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        kern.bwd_apply_add(gbuf, da, x, scale, shift, a, b, cc, True, cl)
