@@ -93,8 +93,8 @@ clean:
 # error). That Triton is installed once into its own folder, ahead of the venv's on PYTHONPATH.
 # SM90_SCOPE=all compiles every layer of the models instead of representative ones (longer).
 # A variant that spills more than SM90_MAX_SPILL bytes per thread fails too (spills are a
-# performance bug on Hopper; the 8-byte stack slots of three variants are not register
-# pressure: see tools/sm90_compile.py).
+# performance bug on Hopper; the 4-8 byte stack slots of three element-wise variants are not
+# register pressure: see tools/sm90_compile.py).
 SM90_TRITON ?= 3.6.0
 SM90_DIR ?= build/sm90
 SM90_TRITON_DIR ?= $(SM90_DIR)/triton36

@@ -17,7 +17,7 @@ Method.
    ``fastblocks/ops/*.py`` are then called directly (not through the backend choice, which
    on a CPU allows Triton only in the interpreter) with CPU tensors of real layer shapes, in
    every dtype and layout they accept and with each flag (residual, ReLU, statistics epilogue,
-   tf32 on or off). ``--scope cover`` (the default: 516 variants, about 6 minutes of CPU time
+   tf32 on or off). ``--scope cover`` (the default: 612 variants, about 6 minutes of CPU time
    on the 2-core VM) runs the full grid of dtype x layout x kernel size x stride x pass x flag
    on four ResNet-50 layers (the largest blocks) and one layer for each other tile choice the
    launchers make for the models; ``--scope all`` runs every layer of ResNet-50/18,
@@ -43,12 +43,12 @@ Spills. The launchers' tiles (``_bn_relu_conv_triton._fwd_tiles``, ``_wgrad_tile
 ``_bn_triton._blocks``) were chosen with this tool so that no convolution variant spills under
 register pressure: before, 33 variants spilled, up to 2.8 KB per thread (fp32 3x3 forward on
 4 warps) and 12 KB (fp32 wgrad without tf32), and compiling them took 5 times as long. What
-is left, on 2026-12-06 with Triton 3.6.0, is 8 bytes of stack in three variants that use 40
-to 80 of their 255 registers, which is not register pressure but a stack slot ptxas chose:
+is left, on 2026-12-06 with Triton 3.6.0, is 4 to 8 bytes of stack in a few variants that use
+40 to 80 of their 255 registers, which is not register pressure but a stack slot ptxas chose:
 ``_add_relu_bwd_kernel`` in fp16/bf16 (the mask byte broadcast to the gradient's layout; a
 variant that loads it in that layout instead spills nothing but takes 4 KB of shared memory
-per block) and one fp32 3x3 forward without tf32 on a 32-channel CIFAR layer.
-(``_bn_apply_kernel`` in fp64 with a residual had one too until x got strides of its own.)
+per block), ``_bn_apply_kernel`` in fp64 with a residual on a dense x (fp64 is the gradcheck
+dtype, not a training one), and one fp32 3x3 forward without tf32 on a 32-channel CIFAR layer.
 
 Run with ``make sm90-compile``, which installs triton==3.6.0 into ``build/sm90/triton36`` (once)
 and runs ``PYTHONPATH=build/sm90/triton36 .venv/bin/python tools/sm90_compile.py``: ``import triton``

@@ -106,12 +106,15 @@ if triton is not None:
         xs_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
+        X_DENSE: tl.constexpr,  # x's strides are the dense ones: one set of offsets
         COMPUTE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
-        xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
+        xoffs = offs
+        if not X_DENSE:
+            xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
         scale = tl.load(scale_ptr + cols, mask=cols < C, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cols < C, other=0.0).to(COMPUTE)
         x = tl.load(x_ptr + xoffs, mask=mask, other=0.0)
@@ -150,13 +153,16 @@ if triton is not None:
         xs_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
+        X_DENSE: tl.constexpr,  # x's strides are the dense ones: one set of offsets
         COMPUTE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         offs, mask, cols = _tile(pid_m, tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
-        xoffs, _, _ = _tile(pid_m, tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
+        xoffs = offs
+        if not X_DENSE:
+            xoffs, _, _ = _tile(pid_m, tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
         cmask = cols < C
         scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
@@ -193,14 +199,19 @@ if triton is not None:
         ds_hw,
         HAS_RES: tl.constexpr,
         RELU: tl.constexpr,
+        X_DENSE: tl.constexpr,  # x's strides are the dense ones: one set of offsets
         ACCUMULATE: tl.constexpr,  # dx_ptr[...] += dx, one rounding of the sum
         COMPUTE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         offs, mask, cols = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
-        xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
-        doffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, ds_n, ds_c, ds_hw, BLOCK_M, BLOCK_C)
+        xoffs = offs
+        if not X_DENSE:
+            xoffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, xs_n, xs_c, xs_hw, BLOCK_M, BLOCK_C)
+        doffs = offs  # dx dense, unless accumulated into a view
+        if ACCUMULATE:
+            doffs, _, _ = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, ds_n, ds_c, ds_hw, BLOCK_M, BLOCK_C)
         cmask = cols < C
         scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
         shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
@@ -304,8 +315,8 @@ def apply_triton(
     _bn_apply_kernel[grid](
         xc, channel_vector(scale, cd), channel_vector(shift, cd), y if rc is None else rc, y,
         M, C, HW, s_n, s_c, s_hw, *xs,
-        HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
-        BLOCK_M=bm, BLOCK_C=bc,
+        HAS_RES=rc is not None, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw),
+        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
     return y
 
@@ -332,8 +343,8 @@ def bwd_reduce_triton(
         gc, xc, channel_vector(mean, cd), channel_vector(scale, cd), channel_vector(shift, cd),
         gc if rc is None else rc, part,
         M, C, HW, s_n, s_c, s_hw, *xs,
-        HAS_RES=rc is not None, RELU=relu, COMPUTE=tl.float64 if cd == torch.float64 else tl.float32,
-        BLOCK_M=bm, BLOCK_C=bc,
+        HAS_RES=rc is not None, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw),
+        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
     return part[0].sum(0), part[1].sum(0)  # two separate tensors: op outputs may not alias
 
@@ -364,7 +375,7 @@ def bwd_apply_triton(
         gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc if rc is None else rc,
         channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), dx,
         M, C, HW, s_n, s_c, s_hw, *xs, s_n, s_c, s_hw,
-        HAS_RES=rc is not None, RELU=relu, ACCUMULATE=False,
+        HAS_RES=rc is not None, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw), ACCUMULATE=False,
         COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
     return dx
@@ -407,6 +418,6 @@ def bwd_apply_add_triton(
         gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc,
         channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), out,
         M, C, HW, s_n, s_c, s_hw, *xs, *ds,
-        HAS_RES=False, RELU=relu, ACCUMULATE=True,
+        HAS_RES=False, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw), ACCUMULATE=True,
         COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
     )  # fmt: skip
