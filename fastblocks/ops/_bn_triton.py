@@ -10,6 +10,7 @@ Arithmetic in fp32 (fp64 for fp64 data), per-channel vectors ``[C]`` in that dty
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -281,16 +282,43 @@ def _dense_empty(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(channels_last))
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """What every kernel of this file is launched with for an input x: x as it is read, the
+    size and stride arguments ``(M, C, HW, s_n, s_c, s_hw, xs_n, xs_c, xs_hw)``, the dense
+    strides alone, the grid, the accumulation dtype and the constexprs."""
+
+    x: torch.Tensor
+    sizes: tuple[int, ...]
+    dense: tuple[int, int, int]
+    grid: tuple[int, int]
+    cd: torch.dtype
+    meta: dict
+
+
+def _launch(x: torch.Tensor, channels_last: bool) -> _Launch:
+    xc, xs = _x_operand(x, channels_last)
+    cd = acc_dtype(x.dtype)
+    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
+    bm, bc = _blocks(x, channels_last)
+    meta = {
+        "X_DENSE": xs == (s_n, s_c, s_hw),
+        "COMPUTE": tl.float64 if cd == torch.float64 else tl.float32,
+        "BLOCK_M": bm,
+        "BLOCK_C": bc,
+    }
+    return _Launch(
+        xc, (M, C, HW, s_n, s_c, s_hw, *xs), (s_n, s_c, s_hw), (triton.cdiv(M, bm), triton.cdiv(C, bc)), cd, meta
+    )
+
+
 def stats_triton(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, C, ...]`` -> per-channel (mean, biased var) ``[C]`` (see ``_bn_core._stats_reference``)."""
-    xc, (s_n, s_c, s_hw) = _x_operand(x, channels_last)
-    cd = acc_dtype(x.dtype)
-    M, C, HW = _geometry(x.shape, channels_last)[:3]
-    bm, bc = _blocks(x, channels_last)
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    part = torch.empty((3, grid[0], C), dtype=cd, device=x.device)
-    tl_cd = tl.float64 if cd == torch.float64 else tl.float32
-    _bn_stats_kernel[grid](xc, part, M, C, HW, s_n, s_c, s_hw, COMPUTE=tl_cd, BLOCK_M=bm, BLOCK_C=bc)
+    ln = _launch(x, channels_last)
+    M, C, HW, *_, xs_n, xs_c, xs_hw = ln.sizes
+    part = torch.empty((3, ln.grid[0], C), dtype=ln.cd, device=x.device)
+    meta = {k: v for k, v in ln.meta.items() if k != "X_DENSE"}  # x is its only operand
+    _bn_stats_kernel[ln.grid](ln.x, part, M, C, HW, xs_n, xs_c, xs_hw, **meta)
     return combine_partials(part[0], part[1], part[2])
 
 
@@ -306,17 +334,11 @@ def apply_triton(
     y = _dense_empty(x, channels_last)
     if x.numel() == 0:
         return y
-    xc, xs = _x_operand(x, channels_last)
+    ln = _launch(x, channels_last)
     (rc,) = _prepare(channels_last, residual)
-    cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
-    bm, bc = _blocks(x, channels_last)
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    _bn_apply_kernel[grid](
-        xc, channel_vector(scale, cd), channel_vector(shift, cd), y if rc is None else rc, y,
-        M, C, HW, s_n, s_c, s_hw, *xs,
-        HAS_RES=rc is not None, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw),
-        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
+    _bn_apply_kernel[ln.grid](
+        ln.x, channel_vector(scale, ln.cd), channel_vector(shift, ln.cd), y if rc is None else rc, y,
+        *ln.sizes, HAS_RES=rc is not None, RELU=relu, **ln.meta,
     )  # fmt: skip
     return y
 
@@ -332,19 +354,14 @@ def bwd_reduce_triton(
     channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ g', Σ g' (x - mean))`` ``[C]`` each; ``g'`` is grad_y ``[N, C, ...]`` masked by the ReLU."""
-    xc, xs = _x_operand(x, channels_last)
+    ln = _launch(x, channels_last)
     gc, rc = _prepare(channels_last, grad_y, residual)
-    cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
-    bm, bc = _blocks(x, channels_last)
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    part = torch.empty((2, grid[0], C), dtype=cd, device=x.device)
-    _bn_bwd_reduce_kernel[grid](
-        gc, xc, channel_vector(mean, cd), channel_vector(scale, cd), channel_vector(shift, cd),
+    cd = ln.cd
+    part = torch.empty((2, ln.grid[0], x.shape[1]), dtype=cd, device=x.device)
+    _bn_bwd_reduce_kernel[ln.grid](
+        gc, ln.x, channel_vector(mean, cd), channel_vector(scale, cd), channel_vector(shift, cd),
         gc if rc is None else rc, part,
-        M, C, HW, s_n, s_c, s_hw, *xs,
-        HAS_RES=rc is not None, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw),
-        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
+        *ln.sizes, HAS_RES=rc is not None, RELU=relu, **ln.meta,
     )  # fmt: skip
     return part[0].sum(0), part[1].sum(0)  # two separate tensors: op outputs may not alias
 
@@ -365,18 +382,13 @@ def bwd_apply_triton(
     dx = _dense_empty(x, channels_last)
     if x.numel() == 0:
         return dx
-    xc, xs = _x_operand(x, channels_last)
+    ln = _launch(x, channels_last)
     gc, rc = _prepare(channels_last, grad_y, residual)
-    cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
-    bm, bc = _blocks(x, channels_last)
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    _bn_bwd_apply_kernel[grid](
-        gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc if rc is None else rc,
+    cd = ln.cd
+    _bn_bwd_apply_kernel[ln.grid](
+        gc, ln.x, channel_vector(scale, cd), channel_vector(shift, cd), gc if rc is None else rc,
         channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), dx,
-        M, C, HW, s_n, s_c, s_hw, *xs, s_n, s_c, s_hw,
-        HAS_RES=rc is not None, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw), ACCUMULATE=False,
-        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
+        *ln.sizes, *ln.dense, HAS_RES=rc is not None, RELU=relu, ACCUMULATE=False, **ln.meta,
     )  # fmt: skip
     return dx
 
@@ -408,16 +420,11 @@ def bwd_apply_add_triton(
     if ds is None:  # not addressable in place: the two-pass form
         out.add_(bwd_apply_triton(grad_y, x, scale, shift, None, a, b, c, relu, channels_last))
         return
-    xc, xs = _x_operand(x, channels_last)
+    ln = _launch(x, channels_last)
     (gc,) = _prepare(channels_last, grad_y)
-    cd = acc_dtype(x.dtype)
-    M, C, HW, s_n, s_c, s_hw = _geometry(x.shape, channels_last)
-    bm, bc = _blocks(x, channels_last)
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-    _bn_bwd_apply_kernel[grid](
-        gc, xc, channel_vector(scale, cd), channel_vector(shift, cd), gc,
+    cd = ln.cd
+    _bn_bwd_apply_kernel[ln.grid](
+        gc, ln.x, channel_vector(scale, cd), channel_vector(shift, cd), gc,
         channel_vector(a, cd), channel_vector(b, cd), channel_vector(c, cd), out,
-        M, C, HW, s_n, s_c, s_hw, *xs, *ds,
-        HAS_RES=False, RELU=relu, X_DENSE=xs == (s_n, s_c, s_hw), ACCUMULATE=True,
-        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK_M=bm, BLOCK_C=bc,
+        *ln.sizes, *ds, HAS_RES=False, RELU=relu, ACCUMULATE=True, **ln.meta,
     )  # fmt: skip
