@@ -17,8 +17,8 @@ Method.
    ``fastblocks/ops/*.py`` are then called directly (not through the backend choice, which
    on a CPU allows Triton only in the interpreter) with CPU tensors of real layer shapes, in
    every dtype and layout they accept and with each flag (residual, ReLU, statistics epilogue,
-   tf32 on or off). ``--scope cover`` (the default: 612 variants, about 6 minutes of CPU time
-   on the 2-core VM) runs the full grid of dtype x layout x kernel size x stride x pass x flag
+   tf32 on or off). ``--scope cover`` (the default: 612 variants, about 4 minutes of CPU time
+   on the 2-core VM: ``make sm90-compile`` prints it) runs the full grid of dtype x layout x kernel size x stride x pass x flag
    on four ResNet-50 layers (the largest blocks) and one layer for each other tile choice the
    launchers make for the models; ``--scope all`` runs every layer of ResNet-50/18,
    DenseNet-201 and the CIFAR ResNets with every setting, so every specialization (divisibility
